@@ -1,0 +1,1 @@
+"""ablation: layer-wise interventions in adversarial training, one shared trainer."""

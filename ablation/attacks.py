@@ -1,0 +1,107 @@
+"""Attacks in [0,1] pixel space: PGD (Linf, L2) and the TRADES KL inner maximisation.
+
+Attacks are functions of (model, inputs, threat model). They neither change the model's mode nor
+fill its parameters' ``.grad``: the caller chooses train or eval mode (METHOD B §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A norm ball of radius ``eps`` around each input, attacked with step size ``step``."""
+
+    norm: str  # "linf" or "l2"
+    eps: float
+    step: float
+
+
+def input_gradient(loss: Tensor, x: Tensor) -> Tensor:
+    """d loss / d x, without computing or storing any weight gradient."""
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _into_l2_ball(delta: Tensor, eps: float) -> Tensor:
+    """Rescale the samples whose L2 norm exceeds eps onto the sphere; leave the others."""
+    norm = _per_sample_norm(delta)
+    return delta * torch.where(norm > eps, eps / norm, torch.ones_like(norm))
+
+
+def project(delta: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
+    """Onto the eps-ball, then into the box so that x + delta stays in [0,1] (B §2 order)."""
+    if threat.norm == "linf":
+        delta = delta.clamp(-threat.eps, threat.eps)
+    else:
+        delta = _into_l2_ball(delta, threat.eps)
+    return torch.max(torch.min(delta, 1 - x), -x)
+
+
+def random_start(x: Tensor, threat: ThreatModel) -> Tensor:
+    """Rice's start: Linf uniform in the cube; L2 a random direction at radius r*eps, r ~ U(0,1)."""
+    if threat.norm == "linf":
+        delta = torch.empty_like(x).uniform_(-threat.eps, threat.eps)
+    else:
+        z = torch.randn_like(x)
+        r = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        delta = z / _per_sample_norm(z) * r * threat.eps
+    return project(delta, x, threat)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int,
+        delta: Tensor | None = None) -> Tensor:
+    """PGD on the mean cross-entropy from ``delta`` (a random start if None); returns x_adv.
+
+    One restart and no early stop, as in training and per-epoch evaluation (B §2). Rice's code runs
+    one more forward pass after the last step to compare restarts; with one restart it only moves
+    BN running statistics, so it is left out.
+    """
+    delta = random_start(x, threat) if delta is None else delta.clone()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        grad = input_gradient(loss, delta)
+        delta = delta.detach()
+        if threat.norm == "linf":
+            delta = delta + threat.step * grad.sign()
+        else:
+            delta = delta + threat.step * grad / (_per_sample_norm(grad) + 1e-10)
+        delta = project(delta, x, threat)
+    return (x + delta).clamp(0, 1).detach()
+
+
+def trades_kl(logits_adv: Tensor, logits_nat: Tensor, reduction: str = "batchmean") -> Tensor:
+    """KL(softmax(nat) || softmax(adv)) in TRADES' kl_div(log p_adv, p_nat) form."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
+                    reduction=reduction)
+
+
+def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
+                  x_adv: Tensor | None = None) -> Tensor:
+    """TRADES inner maximisation of the summed KL, from ``x_adv`` or x + 0.001*N(0,1) (B §6)."""
+    with torch.no_grad():
+        logits_nat = model(x)
+    x_adv = (x + 0.001 * torch.randn_like(x) if x_adv is None else x_adv).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad = input_gradient(trades_kl(model(x_adv), logits_nat, reduction="sum"), x_adv)
+        x_adv = x_adv.detach()
+        if threat.norm == "linf":
+            x_adv = x_adv + threat.step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - threat.eps), x + threat.eps).clamp(0, 1)
+        else:
+            # TRADES' L2 branch: normalised ascent step, box clip, then back into the ball.
+            delta = x_adv + threat.step * grad / (_per_sample_norm(grad) + 1e-10) - x
+            delta = (x + delta).clamp(0, 1) - x
+            x_adv = x + _into_l2_ball(delta, threat.eps)
+    return x_adv.detach()

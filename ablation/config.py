@@ -1,0 +1,254 @@
+"""The trial config: one frozen dataclass per training run, validated once when it is built.
+
+Fields left as ``None`` are filled with the paper's defaults for the chosen dataset, method and
+model (METHOD.md part A), so a built config always holds concrete values and its key names
+exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
+MODELS = ("preact18", "preact34", "wrn34_10", "vgg16", "dpn26", "dla", "preact_small")
+METHODS = ("at", "trades")
+THREATS = ("linf", "l2")
+INTERVENTIONS = ("none", "fix_param", "fix_lr", "awp", "awp_full")
+LAYER_WISE = ("fix_param", "fix_lr", "awp")  # interventions that take a layer subset
+PRECISIONS = ("fp32", "bf16")
+LR_UPDATES = ("iteration", "epoch")
+MODEL_MODES = ("train", "eval")
+
+# Fields that say where or on what a trial runs, not what it computes: they stay out of the key,
+# so a sweep moved to a cluster with another data path or device resumes instead of restarting.
+RUNTIME_FIELDS = ("data_root", "download", "device")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that defines one adversarial-training run; see METHOD.md for each default."""
+
+    dataset: str = "cifar10"
+    data_root: str = "data"
+    download: bool = False
+    model: str = "preact18"
+    width: int = 16  # preact_small only: width of the first stage (then 2x, 4x, 8x)
+    blocks: int = 1  # preact_small only: blocks per stage
+    method: str = "at"
+    threat: str = "linf"
+    eps: float | None = None  # linf 8/255, l2 128/255 (A.1)
+    step: float | None = None  # linf 2/255 (SVHN AT 1/255), l2 15/255 (A.1)
+    train_steps: int = 10
+    test_steps: int = 20
+    train_attack_mode: str | None = None  # AT attacks in train mode (Rice), TRADES in eval (A.1, A.6)
+    trades_beta: float = 6.0
+    normalize: bool | None = None  # per-channel mean/std inside the model; TRADES code uses none (B §1.2)
+    intervention: str = "none"
+    layers: tuple[int, ...] = ()
+    awp_gamma: float | None = None  # 0.01; TRADES and VGG-16: 0.005 (A.5)
+    awp_warmup: int | None = None  # 0; SVHN Linf AT: 5; TRADES and VGG-16: 10 (A.5)
+    epochs: int = 200
+    batch_size: int = 128
+    test_batch_size: int = 128
+    lr_max: float | None = None  # 0.1; SVHN 0.01 (A.2)
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where the LR drops x0.1
+    lr_update: str | None = None  # AT: every iteration (A.2); TRADES: per epoch, as its code does
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    train_eval_size: int = 10_000  # fixed train subset attacked in eval mode each epoch (A.8)
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name, value in _paper_defaults(self).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        _validate(self)
+
+    @property
+    def key(self) -> str:
+        """Readable slug plus a short hash of every identifying field, e.g.
+        ``cifar10-linf-preact18-at-fix_lr-34-s0-1a2b3c4d``."""
+        parts = [self.dataset, self.threat, self.model, self.method, self.intervention]
+        if self.layers:
+            parts.append("".join(map(str, self.layers)))
+        digest = hashlib.sha256(
+            json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return "-".join([*parts, f"s{self.seed}", digest])
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine what is computed (all but where and on what it runs)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    def columns(self) -> dict[str, Any]:
+        """The key and every identifying field as flat table values (lists joined by commas)."""
+        flat = {k: ",".join(map(str, v)) if isinstance(v, list) else v
+                for k, v in self.identity().items()}
+        return {"key": self.key, **flat}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready values (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        """A copy with some fields changed, validated like any other config."""
+        return from_dict({**self.to_dict(), **changes})
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> TrialConfig:
+    """Build a config from plain values, refusing unknown keys and wrong types in one line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of trial fields, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(TrialConfig)}
+    hints = typing.get_type_hints(TrialConfig)
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}; allowed: {', '.join(known)}")
+        values[key] = _coerce(key, value, hints[key], source)
+    try:
+        return TrialConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_trial(path: str | Path) -> TrialConfig:
+    """Read a trial YAML file (safe loader) into a validated config."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    return from_dict(raw if raw is not None else {}, source=str(path))
+
+
+_FRACTION = re.compile(r"^\s*([0-9.]+(?:e-?[0-9]+)?)\s*/\s*([0-9.]+)\s*$")
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Check one raw value against its field type; accept lists for tuples and 'a/b' for floats."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key {key!r} must be a list, got {value!r}")
+        item = typing.get_args(base)[0]
+        return tuple(_coerce(key, v, item, source) for v in value)
+    if base is float:
+        if isinstance(value, str) and (m := _FRACTION.match(value)):  # "8/255", as papers write it
+            value = float(m.group(1)) / float(m.group(2))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key {key!r} must be an integer, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key {key!r} must be true or false, got {value!r}")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key {key!r} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"no coercion for field type {hint}")  # a bug in this module, not user input
+
+
+def _paper_defaults(c: TrialConfig) -> dict[str, Any]:
+    """METHOD.md part A defaults that depend on the dataset, method, threat model or model."""
+    svhn = c.dataset == "svhn"
+    trades = c.method == "trades"
+    vgg = c.model == "vgg16"
+    eps = c.eps if c.eps is not None else (8 / 255 if c.threat == "linf" else 128 / 255)
+    if c.threat == "linf":
+        step = 1 / 255 if svhn and not trades else 2 / 255
+    else:  # TRADES' L2 inner maximisation steps 2*eps/K (B §6); PGD uses 15/255 (A.1)
+        step = 2 * eps / c.train_steps if trades else 15 / 255
+    if trades or vgg:
+        gamma, warmup = 0.005, 10
+    else:
+        gamma, warmup = 0.01, (5 if svhn and c.threat == "linf" else 0)
+    return {
+        "eps": eps,
+        "step": step,
+        "train_attack_mode": "eval" if trades else "train",
+        "normalize": not trades,
+        "awp_gamma": gamma,
+        "awp_warmup": warmup,
+        "lr_max": 0.01 if svhn else 0.1,
+        "lr_update": "epoch" if trades else "iteration",
+    }
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"key {name!r}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate(c: TrialConfig) -> None:
+    _choice("dataset", c.dataset, DATASETS)
+    _choice("model", c.model, MODELS)
+    _choice("method", c.method, METHODS)
+    _choice("threat", c.threat, THREATS)
+    _choice("intervention", c.intervention, INTERVENTIONS)
+    _choice("precision", c.precision, PRECISIONS)
+    _choice("lr_update", c.lr_update, LR_UPDATES)
+    _choice("train_attack_mode", c.train_attack_mode, MODEL_MODES)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
+        raise ConfigError(f"key 'device': {c.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if c.intervention in LAYER_WISE:
+        if not c.layers:
+            raise ConfigError(f"key 'layers': intervention {c.intervention!r} needs a non-empty "
+                              "subset of [1, 2, 3, 4]")
+        if any(l not in (1, 2, 3, 4) for l in c.layers) or len(set(c.layers)) != len(c.layers):
+            raise ConfigError(f"key 'layers': {list(c.layers)} is not a subset of [1, 2, 3, 4] "
+                              "without repeats")
+        object.__setattr__(c, "layers", tuple(sorted(c.layers)))  # one spelling, one key
+    elif c.layers:
+        raise ConfigError(f"key 'layers': intervention {c.intervention!r} takes no layer subset "
+                          f"(got {list(c.layers)}); use [] or leave it out")
+    positive = {"eps": c.eps, "step": c.step, "lr_max": c.lr_max, "epochs": c.epochs,
+                "batch_size": c.batch_size, "test_batch_size": c.test_batch_size,
+                "train_steps": c.train_steps, "test_steps": c.test_steps,
+                "width": c.width, "blocks": c.blocks}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"key {name!r}: must be > 0, got {value!r}")
+    nonneg = {"awp_gamma": c.awp_gamma, "awp_warmup": c.awp_warmup, "trades_beta": c.trades_beta,
+              "weight_decay": c.weight_decay, "train_eval_size": c.train_eval_size,
+              "seed": c.seed}
+    for name, value in nonneg.items():
+        if not value >= 0:
+            raise ConfigError(f"key {name!r}: must be >= 0, got {value!r}")
+    if not 0 <= c.momentum < 1:
+        raise ConfigError(f"key 'momentum': must be in [0, 1), got {c.momentum!r}")
+    if c.threat == "linf" and c.eps >= 1:
+        raise ConfigError(f"key 'eps': {c.eps!r} is not below 1; Linf eps is in [0,1] pixel units "
+                          "(write 8/255, not 8)")
+    if any(not 0 < m < 1 for m in c.milestones) or list(c.milestones) != sorted(c.milestones):
+        raise ConfigError(f"key 'milestones': {list(c.milestones)} must be increasing fractions "
+                          "of the run in (0, 1)")

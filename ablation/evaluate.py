@@ -1,0 +1,42 @@
+"""AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square) through ``pyautoattack`` (METHOD B §7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attacks import ThreatModel
+
+AA_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel,
+                        n_examples: int | None = None, batch_size: int = 250,
+                        seed: int = 0) -> float:
+    """Robust accuracy under standard AutoAttack on the first ``n_examples`` test images.
+
+    ``images`` are uint8 or [0,1] floats; the model normalises inside its forward and is put in
+    eval mode here, as AutoAttack requires (B §7.1). The eps is the trial's own (L2: 128/255).
+    """
+    from pyautoattack import AutoAttack  # imported here: loading it costs a second at start-up
+
+    n = len(labels) if n_examples is None else min(n_examples, len(labels))
+    x = images[:n]
+    x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+    y = labels[:n]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        attack = AutoAttack(model, norm=AA_NORMS[threat.norm], eps=threat.eps,
+                            version="standard", device=device, seed=seed)
+        x_adv, _ = attack.run_standard_evaluation(x.to(device), y.to(device),
+                                                  batch_size=batch_size)
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                logits = model(x_adv[i:i + batch_size].to(device))
+                correct += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
+    finally:
+        model.train(was_training)
+    return correct / n

@@ -1,0 +1,143 @@
+"""Layer-wise interventions as small strategies: none, fix-param, fix-lr, layer-wise and full AWP.
+
+Each one sees the model's declared layer groups (``ablation.models.group_names``); parameters
+outside groups 1-4 (stem, final BN, classifier) are never touched by a layer-wise intervention.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrialConfig
+from .methods import Method
+from .models import group_names
+
+
+class Intervention:
+    """Default behaviour: one optimizer group on the schedule, nothing done around the step."""
+
+    def __init__(self, model: nn.Module, config: TrialConfig):
+        self.model = model
+        self.config = config
+        self.names = group_names(model, config.layers) if config.layers else []
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups; a group with ``fixed_lr`` keeps its LR while the schedule runs."""
+        return [{"params": list(self.model.parameters())}]
+
+    def before_step(self, epoch: int, method: Method, x: Tensor, x_adv: Tensor, y: Tensor) -> None:
+        """Called in train mode right before the training forward pass."""
+
+    def after_step(self) -> None:
+        """Called right after the optimizer step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FixParam(Intervention):
+    """Freeze the chosen groups at their initial values for the whole run (METHOD A.3, B §5.1).
+
+    Frozen tensors get no gradient, so SGD applies neither weight decay nor momentum to them; their
+    BatchNorm running statistics still update because the model still runs in train mode.
+    """
+
+    def __init__(self, model, config):
+        super().__init__(model, config)
+        chosen = set(self.names)
+        for name, p in model.named_parameters():
+            if name in chosen:
+                p.requires_grad_(False)
+
+
+class FixLR(Intervention):
+    """The chosen groups get their own optimizer group whose LR stays at lr_max (A.4, B §5.2)."""
+
+    def param_groups(self):
+        chosen = set(self.names)
+        named = list(self.model.named_parameters())
+        return [{"params": [p for n, p in named if n not in chosen]},
+                {"params": [p for n, p in named if n in chosen], "fixed_lr": True}]
+
+
+class AWP(Intervention):
+    """Adversarial weight perturbation (Wu et al. 2020) on the chosen tensors (A.5, B §4).
+
+    A proxy copy takes one SGD step (lr 0.01) up the method's loss; for every perturbed weight w the
+    step's direction d is rescaled to v = ||w|| d / ||d|| and w += gamma*v before the training step,
+    w -= gamma*v after it. Only weights with more than one dimension are perturbed. Layer-wise AWP
+    perturbs the chosen groups; ``full=True`` perturbs every such weight, stem and classifier too.
+    """
+
+    PROXY_LR = 0.01  # cancels in d/||d||; kept at the authors' value for identical rounding
+
+    def __init__(self, model, config, full: bool = False):
+        super().__init__(model, config)
+        params = dict(model.named_parameters())
+        chosen = params if full else self.names
+        self.perturbed = [n for n in chosen if params[n].dim() > 1]
+        self.gamma = config.awp_gamma
+        self.warmup = config.awp_warmup
+        self.proxy = copy.deepcopy(model)
+        proxy_params = dict(self.proxy.named_parameters())
+        keep = set(self.perturbed)
+        for name, p in proxy_params.items():
+            p.requires_grad_(name in keep)  # the other weights' gradients would be thrown away
+        self.proxy_params = [proxy_params[n] for n in self.perturbed]
+        self.params = [params[n] for n in self.perturbed]
+        self.proxy_opt = torch.optim.SGD(self.proxy_params, lr=self.PROXY_LR)
+        self.v: list[Tensor] | None = None
+
+    def perturbation(self, method: Method, x: Tensor, x_adv: Tensor, y: Tensor) -> list[Tensor]:
+        """gamma * v for each perturbed tensor, from one ascent step of the proxy."""
+        self.proxy.load_state_dict(self.model.state_dict())
+        self.proxy.train()
+        self.proxy_opt.zero_grad(set_to_none=True)
+        (-method.proxy_loss(self.proxy, x, x_adv, y)).backward()
+        self.proxy_opt.step()
+        with torch.no_grad():
+            diffs = [q - w for q, w in zip(self.proxy_params, self.params)]
+            return [self.gamma * w.norm() * d / (d.norm() + 1e-20)
+                    for w, d in zip(self.params, diffs)]
+
+    def before_step(self, epoch, method, x, x_adv, y):
+        if self.gamma <= 0 or epoch < self.warmup:
+            return
+        self.v = self.perturbation(method, x, x_adv, y)
+        with torch.no_grad():
+            for w, v in zip(self.params, self.v):
+                w.add_(v)
+
+    def after_step(self):
+        if self.v is None:
+            return
+        with torch.no_grad():
+            for w, v in zip(self.params, self.v):
+                w.sub_(v)
+        self.v = None
+
+    def state_dict(self):
+        return {"proxy": self.proxy.state_dict()}
+
+    def load_state_dict(self, state):
+        self.proxy.load_state_dict(state["proxy"])
+
+
+INTERVENTIONS = {
+    "none": Intervention,
+    "fix_param": FixParam,
+    "fix_lr": FixLR,
+    "awp": AWP,
+    "awp_full": lambda model, config: AWP(model, config, full=True),
+}
+
+
+def build_intervention(model: nn.Module, config: TrialConfig) -> Intervention:
+    return INTERVENTIONS[config.intervention](model, config)

@@ -1,0 +1,107 @@
+"""Running one trial on this machine: a progress bar and the output folder of ``ablate train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+import torch
+
+from .config import TrialConfig
+from .io import save_json, save_parquet
+from .trainer import Reporter, Trainer, summarize
+
+CURVES = "curves.parquet"
+SUMMARY = "summary.json"
+
+
+def curves_frame(config: TrialConfig, history: list[dict[str, float]]) -> pd.DataFrame:
+    """One row per epoch, each carrying the trial key and every identifying config field."""
+    ident = config.columns()
+    return pd.DataFrame([{**ident, **row} for row in history])
+
+
+class LocalReporter(Reporter):
+    """Progress bar on the terminal, ``curves.parquet`` rewritten (atomically) after every epoch."""
+
+    def __init__(self, out: Path, quiet: bool):
+        self.out = out
+        self.quiet = quiet
+        self.bar = None
+
+    def start(self, config, history):
+        from tqdm import tqdm
+
+        self.config, self.rows = config, list(history)
+        self.bar = tqdm(total=config.epochs, initial=len(history), disable=self.quiet,
+                        unit="epoch", desc=config.key, dynamic_ncols=True, mininterval=0.5,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} epochs "
+                                   "[{elapsed}<{remaining}{postfix}]")
+
+    def progress(self, epoch, batch, batches):
+        self.bar.update(epoch + (batch + 1) / batches - self.bar.n)  # throttled by mininterval
+
+    def epoch(self, row, checkpoint):
+        self.rows.append(row)
+        save_parquet(curves_frame(self.config, self.rows), self.out / CURVES)
+        best = summarize(self.rows)
+        self.bar.set_postfix_str(f"test robust {row['test_robust_acc']:.1%}, "
+                                 f"best {best['best_test_robust_acc']:.1%} @ {best['best_epoch']}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
+                threads: int | None, quiet: bool) -> None:
+    """Train (or resume) one trial into ``out``; optionally AutoAttack its best and last weights."""
+    out = (out or Path("runs") / "train" / config.key).resolve()
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.to_yaml())
+    trainer = Trainer(config, out)
+    reporter = LocalReporter(out, quiet)
+    already_done = trainer.finished
+    if already_done:
+        click.echo(f"{config.key}: all {config.epochs} epochs already done in {out}", err=True)
+    try:
+        history = trainer.fit(reporter)
+    finally:
+        reporter.close()
+    summary = {"key": config.key, **summarize(history)}
+    if already_done:  # same weights as when the last summary was written: keep its AutoAttack
+        previous = _read_summary(out / SUMMARY)
+        summary.update({k: v for k, v in previous.items() if "autoattack" in k})
+    if autoattack is not None:
+        n = min(autoattack or len(trainer.data.test_y), len(trainer.data.test_y))
+        if summary.get("autoattack_n") != n:
+            click.echo(f"{config.key}: AutoAttack on best and last weights...", err=True)
+            summary.update(trainer.autoattack(n))
+    save_parquet(curves_frame(config, history), out / CURVES)
+    save_json(summary, out / SUMMARY)
+    _print_summary(summary, out)
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    lines = [f"{summary['key']}  ({summary['epochs_done']} epochs, best epoch "
+             f"{summary['best_epoch']})"]
+    rows = [("PGD robust", "test_robust_acc"), ("clean", "test_acc"),
+            ("AutoAttack", "autoattack_acc")]
+    for label, metric in rows:
+        if f"best_{metric}" in summary:
+            lines.append(f"  {label:<11} best {summary[f'best_{metric}']:7.2%}  last "
+                         f"{summary[f'last_{metric}']:7.2%}  diff "
+                         f"{summary[f'diff_{metric}'] * 100:+6.2f}")
+    lines.append(f"  written to {out}")
+    click.echo("\n".join(lines))
+
+

@@ -1,0 +1,68 @@
+"""Model registry. Each architecture declares its four layer groups in ``layer_groups()``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from ..errors import ConfigError
+from .common import Normalize
+from .dla import dla
+from .dpn import dpn26
+from .preact import preact18, preact34, preact_small
+from .vgg import vgg16
+from .wrn import wrn34_10
+
+__all__ = ["MODELS", "Normalize", "build_model", "group_names", "ungrouped_names"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "preact18": preact18,
+    "preact34": preact34,
+    "wrn34_10": wrn34_10,
+    "vgg16": vgg16,
+    "dpn26": dpn26,
+    "dla": dla,
+    "preact_small": preact_small,
+}
+
+GROUPS = (1, 2, 3, 4)
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    width: int = 16,
+    blocks: int = 1,
+) -> nn.Module:
+    """Build model ``name``; ``width``/``blocks`` only shape ``preact_small``."""
+    if name not in MODELS:
+        raise ConfigError(f"model: {name!r} is not one of {', '.join(sorted(MODELS))}")
+    for label, stats in (("mean", mean), ("std", std)):
+        if stats is not None and len(stats) != in_channels:
+            raise ConfigError(f"{label}: has {len(stats)} values but the input has {in_channels} channels")
+    kwargs = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    if name == "preact_small":
+        kwargs.update(width=width, blocks=blocks)
+    return MODELS[name](**kwargs)
+
+
+def group_names(model: nn.Module, layers: Iterable[int]) -> list[str]:
+    """Parameter names in the union of groups ``layers`` (ints in 1..4), in ``named_parameters()`` order."""
+    layers = list(layers)
+    bad = [g for g in layers if g not in GROUPS]
+    if bad:
+        raise ConfigError(f"layers: {bad[0]!r} is not one of 1, 2, 3, 4")
+    groups = model.layer_groups()
+    wanted = {n for g in layers for n in groups[g]}
+    return [n for n, _ in model.named_parameters() if n in wanted]
+
+
+def ungrouped_names(model: nn.Module) -> list[str]:
+    """Parameter names that belong to no layer group, in ``named_parameters()`` order."""
+    grouped = {n for names in model.layer_groups().values() for n in names}
+    return [n for n, _ in model.named_parameters() if n not in grouped]

@@ -1,0 +1,125 @@
+"""Shared test helpers: tiny CIFAR-10/100 and SVHN datasets written in the real on-disk formats."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+FAKE_DATASETS = ("cifar10", "cifar100", "svhn")
+
+
+class _Py2Str(bytes):
+    """Bytes pickled as a Python 2 ``str``, as in the official CIFAR pickles."""
+
+
+class _Py2Pickler(pickle._Pickler):
+    # The official files were written by Python 2: their keys and names are py2 strings, which
+    # load as bytes (b'data') with encoding='bytes' and as str ('data') with encoding='latin1'
+    # (what torchvision uses). Python 3 cannot emit that opcode for bytes, so add it.
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2str(self, obj: _Py2Str) -> None:
+        raw = bytes(obj)
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[_Py2Str] = _save_py2str
+
+
+def _py2(obj: object) -> object:
+    """Turn str keys and values (recursively through dicts and lists) into py2 strings."""
+    if isinstance(obj, str):
+        return _Py2Str(obj.encode("latin1"))
+    if isinstance(obj, dict):
+        return {_py2(k): _py2(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_py2(v) for v in obj]
+    return obj
+
+
+def _dump_py2(obj: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        _Py2Pickler(f, protocol=2).dump(_py2(obj))
+
+
+def _images(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)  # every class when n allows
+    return x, y
+
+
+def _write_cifar_batch(path: Path, x: np.ndarray, labels: dict[str, list[int]], tag: str) -> None:
+    entry = {"batch_label": tag, "data": x.reshape(len(x), -1),  # row-major C, H, W per image
+             "filenames": [f"img_{i:05d}.png" for i in range(len(x))]}
+    entry.update(labels)
+    _dump_py2(entry, path)
+
+
+def write_fake_dataset(name: str, root: str | Path, n_train: int, n_test: int,
+                       seed: int = 0) -> Arrays:
+    """Write a tiny ``name`` (cifar10 / cifar100 / svhn) under ``root`` in the real format; return
+    (train_x, train_y, test_x, test_y) as the loader should give them (N, C, H, W uint8, int64)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    num_classes = 100 if name == "cifar100" else 10
+    train_x, train_y = _images(rng, n_train, num_classes)
+    test_x, test_y = _images(rng, n_test, num_classes)
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+            _write_cifar_batch(folder / f"data_batch_{i}", train_x[part],
+                               {"labels": train_y[part].tolist()}, f"training batch {i} of 5")
+        _write_cifar_batch(folder / "test_batch", test_x, {"labels": test_y.tolist()},
+                           "testing batch 1 of 1")
+        _dump_py2({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 10000,
+                   "num_vis": 3072}, folder / "batches.meta")
+    elif name == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            _write_cifar_batch(folder / split, x, {"fine_labels": y.tolist(),
+                                                   "coarse_labels": (y // 5).tolist()}, split)
+        _dump_py2({"fine_label_names": [f"fine{i}" for i in range(100)],
+                   "coarse_label_names": [f"coarse{i}" for i in range(20)]}, folder / "meta")
+    elif name == "svhn":
+        import scipy.io
+
+        root.mkdir(parents=True, exist_ok=True)
+        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            # The .mat layout is X (H, W, C, N) and y (N, 1) with digit 0 stored as label 10.
+            scipy.io.savemat(root / f"{split}_32x32.mat",
+                             {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
+                              "y": np.where(y == 0, 10, y).astype(np.uint8)[:, None]})
+    else:
+        raise ValueError(f"no fake writer for dataset {name!r}")
+    return train_x, train_y, test_x, test_y
+
+
+@pytest.fixture
+def fake_dataset(tmp_path: Path) -> Callable[..., tuple[Path, Arrays]]:
+    """Factory: ``fake_dataset(name, n_train=20, n_test=10, seed=0) -> (root, arrays)`` writes a
+    tiny dataset under a fresh folder in tmp_path (usable as a trial's ``data_root``)."""
+
+    def make(name: str, n_train: int = 20, n_test: int = 10, seed: int = 0) -> tuple[Path, Arrays]:
+        root = tmp_path / f"data_{name}_{seed}"
+        return root, write_fake_dataset(name, root, n_train, n_test, seed)
+
+    return make
+
+
+def tiny_trial(**overrides: object) -> dict:
+    """A trial that trains in about a second on the CPU: synthetic data, a 4-wide PreAct ResNet."""
+    return {"dataset": "synthetic", "model": "preact_small", "width": 4, "blocks": 1,
+            "epochs": 4, "batch_size": 64, "test_batch_size": 128, "train_steps": 2,
+            "test_steps": 3, "train_eval_size": 64, "device": "cpu", **overrides}

@@ -1,0 +1,143 @@
+"""The trainer: schedule, interventions in a real loop, best/last, checkpoints and resume."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_trial
+
+from ablation.config import from_dict
+from ablation.errors import ConfigError, DataError, TrainingDiverged
+from ablation.models import group_names
+from ablation.trainer import Reporter, Trainer, learning_rate, schedule_time, summarize
+
+TIMING = ("train_seconds", "eval_seconds")
+
+
+def lr_of(config, epoch, batch, batches=391):
+    return learning_rate(config, schedule_time(config, epoch, batch, batches))
+
+
+def test_per_iteration_schedule_drops_on_the_last_batch_of_epochs_99_and_149():
+    at = from_dict({"method": "at"})  # METHOD B §3.1: lr(e + (i+1)/N), N = 391
+    assert lr_of(at, 0, 0) == 0.1
+    assert lr_of(at, 99, 389) == 0.1 and lr_of(at, 99, 390) == pytest.approx(0.01)
+    assert lr_of(at, 149, 389) == pytest.approx(0.01)
+    assert lr_of(at, 149, 390) == pytest.approx(0.001)
+    svhn = from_dict({"dataset": "svhn"})
+    assert lr_of(svhn, 0, 0) == 0.01 and lr_of(svhn, 120, 0) == pytest.approx(0.001)
+
+
+def test_per_epoch_schedule_follows_trades_1_based_epochs():
+    trades = from_dict({"method": "trades"})  # 1-based epochs 1-99: 0.1, 100-149: 0.01, then 0.001
+    assert lr_of(trades, 97, 390) == 0.1 and lr_of(trades, 98, 0) == 0.1
+    assert lr_of(trades, 99, 0) == pytest.approx(0.01)
+    assert lr_of(trades, 148, 390) == pytest.approx(0.01)
+    assert lr_of(trades, 149, 0) == pytest.approx(0.001)
+
+
+def test_summarize_takes_the_first_best_epoch():
+    rows = [{"epoch": e, "test_robust_acc": r, "test_acc": c}
+            for e, (r, c) in enumerate([(0.1, 0.5), (0.3, 0.6), (0.3, 0.7), (0.2, 0.8)])]
+    s = summarize(rows)
+    assert s["best_epoch"] == 1 and s["last_epoch"] == 3
+    assert s["diff_test_robust_acc"] == pytest.approx(0.1)
+    assert s["best_test_acc"] == 0.6 and s["diff_test_acc"] == pytest.approx(-0.2)
+
+
+def test_fix_param_keeps_chosen_groups_bit_identical_while_others_and_bn_stats_move(tmp_path):
+    cfg = from_dict(tiny_trial(intervention="fix_param", layers=[1, 3], epochs=2))
+    trainer = Trainer(cfg, tmp_path)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    frozen = set(group_names(trainer.model, [1, 3]))
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, start[name]) is (name in frozen), name
+    assert not torch.equal(trainer.model.state_dict()["layer1.0.bn1.running_mean"],
+                           start["layer1.0.bn1.running_mean"])
+
+
+def test_fix_lr_group_stays_at_lr_max_while_the_rest_decays(tmp_path):
+    cfg = from_dict(tiny_trial(intervention="fix_lr", layers=[3, 4], lr_max=0.05))
+    history = Trainer(cfg, tmp_path).fit()
+    # 4 epochs, milestones at 2.0 and 3.0: the drop lands on the last batch of epochs 1 and 2.
+    assert [r["lr"] for r in history] == pytest.approx([0.05, 0.005, 0.0005, 0.0005])
+    assert [r["lr_fixed"] for r in history] == [0.05] * 4
+
+
+def test_rows_hold_every_metric_and_best_weights_follow_the_best_epoch(tmp_path):
+    trainer = Trainer(from_dict(tiny_trial()), tmp_path)
+    history = trainer.fit()
+    assert len(history) == 4 and [r["epoch"] for r in history] == [0, 1, 2, 3]
+    for row in history:
+        for key in ("lr", "train_loss", "train_acc", "train_robust_loss", "train_robust_acc",
+                    "train_eval_acc", "train_eval_robust_acc", "test_loss", "test_acc",
+                    "test_robust_loss", "test_robust_acc", *TIMING):
+            assert math.isfinite(row[key]), key
+        assert 0 <= row["test_robust_acc"] <= row["test_acc"] + 0.05
+        assert math.isnan(row["lr_fixed"])
+    assert history[-1]["test_acc"] > 0.2  # learns something: 10 classes, chance is 0.1
+    best = summarize(history)["best_epoch"]
+    trainer.load_weights("best")
+    assert trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 0)["acc"] == \
+        pytest.approx(history[best]["test_acc"])
+
+
+class StopAfter(Reporter):
+    """Simulates a kill right after an epoch's checkpoint reached the disk."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def epoch(self, row, checkpoint):
+        assert checkpoint.exists()
+        if row["epoch"] + 1 == self.epochs:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("extra", [{"intervention": "awp", "layers": [2, 3]},
+                                   {"intervention": "fix_lr", "layers": [4]},
+                                   {"method": "trades", "threat": "l2"}])
+def test_resume_reproduces_the_uninterrupted_curve_exactly(tmp_path, extra):
+    cfg = from_dict(tiny_trial(**extra))
+    straight = Trainer(cfg, tmp_path / "a").fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "b").fit(StopAfter(2))
+    resumed = Trainer(cfg, tmp_path / "b")
+    assert resumed.epochs_done == 2
+    again = resumed.fit()
+    frame = lambda rows: pd.DataFrame(rows).drop(columns=list(TIMING))
+    pd.testing.assert_frame_equal(frame(again), frame(straight), check_exact=True)
+    final = lambda d: torch.load(d / "checkpoint.pt", weights_only=True)["model"]
+    a, b = final(tmp_path / "a"), final(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_trial_is_refused(tmp_path):
+    Trainer(from_dict(tiny_trial(epochs=1)), tmp_path).fit()
+    with pytest.raises(ConfigError, match="holds trial"):
+        Trainer(from_dict(tiny_trial(epochs=1, seed=1)), tmp_path)
+
+
+def test_a_diverging_loss_stops_the_trial(tmp_path):
+    cfg = from_dict(tiny_trial(lr_max=1e12, momentum=0.0))
+    with pytest.raises(TrainingDiverged, match="epoch 0, batch"):
+        Trainer(cfg, tmp_path).fit()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+def test_trains_on_real_format_files(fake_dataset, tmp_path, name):
+    root, _ = fake_dataset(name, n_train=40, n_test=20)
+    cfg = from_dict(tiny_trial(dataset=name, data_root=str(root), epochs=1, batch_size=16,
+                               train_eval_size=8, model="preact_small", width=2))
+    trainer = Trainer(cfg, tmp_path / "out")
+    assert trainer.data.info.num_classes == (100 if name == "cifar100" else 10)
+    (row,) = trainer.fit()
+    assert math.isfinite(row["train_robust_loss"])
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    cfg = from_dict(tiny_trial(dataset="cifar10", data_root=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match="nowhere"):
+        Trainer(cfg, tmp_path / "out")
