@@ -92,7 +92,8 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    lines = [f"{summary['key']}  ({summary['epochs_done']} epochs, best epoch "
+    n = summary["epochs_done"]
+    lines = [f"{summary['key']}  ({n} epoch{'s' * (n != 1)}, best epoch "
              f"{summary['best_epoch']})"]
     rows = [("PGD robust", "test_robust_acc"), ("clean", "test_acc"),
             ("AutoAttack", "autoattack_acc")]
