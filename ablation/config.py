@@ -127,17 +127,22 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrialConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_trial(path: str | Path) -> TrialConfig:
-    """Read a trial YAML file (safe loader) into a validated config."""
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with the safe loader; unreadable or invalid files are a ConfigError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML") from None
+
+
+def load_trial(path: str | Path) -> TrialConfig:
+    """Read a trial YAML file into a validated config."""
+    raw = read_yaml(path)
     return from_dict(raw if raw is not None else {}, source=str(path))
 
 

@@ -51,3 +51,7 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_parquet(frame: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def load_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,222 @@
+"""Sweep files: one YAML that describes a whole study, expanded into validated trial configs.
+
+A sweep has a ``base`` (fields every trial shares), a ``grid`` of axes whose Cartesian product gives
+the trials, optional named ``baselines`` (extra trials crossed with every grid axis except
+``intervention`` and ``layers``) and optional per-dataset ``overrides``. Precedence, lowest first:
+base < grid cell < baseline fields < dataset override. See ``sweeps/cifar10_linf.yaml``.
+
+Trial order is stable: first the grid cells in the product of the axes as written (first axis
+slowest), then, for each combination of the axes other than ``intervention`` and ``layers`` (same
+order), the baselines in file order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .config import LAYER_WISE, TrialConfig, from_dict, read_yaml
+from .errors import ConfigError
+
+# The paper's figure order: singletons, pairs, triples, then all four (itertools' order by size).
+ALL_SUBSETS: tuple[tuple[int, ...], ...] = tuple(
+    subset for size in range(1, 5) for subset in itertools.combinations((1, 2, 3, 4), size))
+
+TOP_LEVEL = ("name", "description", "autoattack", "base", "grid", "baselines", "overrides")
+TRIAL_FIELDS = tuple(f.name for f in fields(TrialConfig))
+# Axes a baseline does not cross: it sets its own intervention, and layers belong to that.
+INTERVENTION_AXES = ("intervention", "layers")
+_NAME = re.compile(r"[a-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named study: its validated trials in a stable order, and where it was read from."""
+
+    name: str
+    description: str
+    autoattack: int | None  # AutoAttack on this many test images after each trial (0 = all)
+    trials: tuple[TrialConfig, ...]
+    path: Path
+
+    @property
+    def total_epochs(self) -> int:
+        """Training epochs over all trials (a rough size of the sweep)."""
+        return sum(t.epochs for t in self.trials)
+
+    @property
+    def by_key(self) -> dict[str, TrialConfig]:
+        """Each trial under its key."""
+        return {t.key: t for t in self.trials}
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep YAML file (safe loader) and expand it into validated trials."""
+    return sweep_from_dict(read_yaml(path), source=str(path))
+
+
+def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
+    """Expand a parsed sweep mapping; ``source`` prefixes every error and becomes ``Sweep.path``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with name, base, grid, ..., "
+                          f"got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{source}: unknown top-level key {key!r}; allowed: "
+                              f"{', '.join(TOP_LEVEL)}")
+    name = raw.get("name")
+    if name is None:
+        raise ConfigError(f"{source}: key 'name' is missing; it names the run folder runs/<name>")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{source}: key 'name': {name!r} must use only a-z, 0-9 and _")
+    description = raw.get("description")
+    description = "" if description is None else description
+    if not isinstance(description, str):
+        raise ConfigError(f"{source}: key 'description' must be text, got {description!r}")
+    autoattack = raw.get("autoattack")
+    if autoattack is not None and (isinstance(autoattack, bool) or not isinstance(autoattack, int)
+                                   or autoattack < 0):
+        raise ConfigError(f"{source}: key 'autoattack': {autoattack!r} must be an integer >= 0 "
+                          "(0 = all test images) or null")
+    base = _fields(raw.get("base"), f"{source}: base")
+    axes = _axes(raw.get("grid"), source)
+    baselines = _baselines(raw.get("baselines"), source)
+    overrides = _overrides(raw.get("overrides"), source)
+
+    merged = _expand(base, axes, baselines, source)
+    if not merged:
+        raise ConfigError(f"{source}: the sweep has no trials (no grid axes and no baselines)")
+    # A dataset that is not a string is left for from_dict to refuse with its usual message.
+    datasets = [m.get("dataset", TrialConfig.dataset) for m in merged]
+    used = {d for d in datasets if isinstance(d, str)}
+    for dataset in overrides:
+        if dataset not in used:
+            raise ConfigError(f"{source}: overrides: key {dataset!r} is not the dataset of any "
+                              f"trial (datasets used: {', '.join(sorted(used))})")
+    trials = tuple(from_dict({**m, **(overrides.get(d, {}) if isinstance(d, str) else {})},
+                             source=source) for m, d in zip(merged, datasets))
+    _check_unique(trials, source)
+    return Sweep(name=name, description=description.strip(), autoattack=autoattack,
+                 trials=trials, path=Path(source))
+
+
+def _mapping(value: Any, where: str) -> dict:
+    """An optional mapping section: None means empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _fields(value: Any, where: str) -> dict[str, Any]:
+    """A mapping of trial fields, with unknown names refused here so the error names the section."""
+    value = _mapping(value, where)
+    for key in value:
+        if key not in TRIAL_FIELDS:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(TRIAL_FIELDS)}")
+    return value
+
+
+def _overrides(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Fields per dataset name; an override cannot move trials to another dataset."""
+    out = {}
+    for dataset, fields_ in _mapping(value, f"{source}: overrides").items():
+        out[dataset] = _fields(fields_, f"{source}: overrides: {dataset}")
+        if "dataset" in out[dataset]:
+            raise ConfigError(f"{source}: overrides: {dataset}: key 'dataset' cannot be overridden")
+    return out
+
+
+def _axes(grid: Any, source: str) -> dict[str, list[Any]]:
+    """The grid's axes in file order, each a non-empty list; ``layers: all`` expanded."""
+    axes = {}
+    for key, values in _mapping(grid, f"{source}: grid").items():
+        if key not in TRIAL_FIELDS:
+            raise ConfigError(f"{source}: grid: key {key!r} is not a trial field; allowed: "
+                              f"{', '.join(TRIAL_FIELDS)}")
+        if key == "layers":
+            values = _layer_axis(values, source)
+        elif not isinstance(values, list):
+            raise ConfigError(f"{source}: grid: key {key!r} must be a list of values, "
+                              f"got {values!r}")
+        if not values:
+            raise ConfigError(f"{source}: grid: key {key!r} is an empty list")
+        axes[key] = values
+    has_layer_wise = any(i in LAYER_WISE for i in axes.get("intervention", []))
+    if has_layer_wise and "layers" not in axes:
+        raise ConfigError(f"{source}: grid: key 'intervention' has layer-wise interventions "
+                          f"({', '.join(LAYER_WISE)}) but the grid has no 'layers' axis")
+    return axes
+
+
+def _layer_axis(values: Any, source: str) -> list[list[int]]:
+    """``all`` or an explicit list of subsets. Order within a subset is kept as written, so
+    [3, 4] and [4, 3] reach the duplicate-key check instead of vanishing silently."""
+    if values == "all":
+        return [list(s) for s in ALL_SUBSETS]
+    if not isinstance(values, list) or not all(isinstance(s, list) for s in values):
+        raise ConfigError(f"{source}: grid: key 'layers' must be 'all' or a list of subsets "
+                          f"such as [[3, 4], [4]], got {values!r}")
+    for subset in values:
+        if (not subset or any(type(l) is not int or l not in (1, 2, 3, 4) for l in subset)
+                or len(set(subset)) != len(subset)):
+            raise ConfigError(f"{source}: grid: key 'layers': {subset!r} is not a non-empty "
+                              "subset of [1, 2, 3, 4] without repeats")
+    return values
+
+
+def _baselines(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Named baselines in file order, each a mapping of trial fields."""
+    out = {}
+    for name, fields_ in _mapping(value, f"{source}: baselines").items():
+        if not isinstance(fields_, dict):
+            raise ConfigError(f"{source}: baselines: key {name!r} must be a mapping of trial "
+                              f"fields such as {{intervention: none}}, got {fields_!r}")
+        out[name] = _fields(fields_, f"{source}: baselines: {name}")
+    return out
+
+
+def _expand(base: dict[str, Any], axes: dict[str, list[Any]],
+            baselines: dict[str, dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The merged raw fields of every trial, in the documented order (before overrides)."""
+    names = list(axes)
+    trials: list[dict[str, Any]] = []
+    seen_collapsed: set[tuple[int, ...]] = set()
+    layers_used = False
+    if axes:
+        for picks in itertools.product(*(range(len(axes[n])) for n in names)):
+            cell = {n: axes[n][i] for n, i in zip(names, picks)}
+            merged = {**base, **cell}
+            if "layers" in cell and merged.get("intervention", TrialConfig.intervention) \
+                    not in LAYER_WISE:
+                # none / awp_full take no subset: one trial per other-axes cell, not one per subset.
+                signature = tuple(i for n, i in zip(names, picks) if n != "layers")
+                if signature in seen_collapsed:
+                    continue
+                seen_collapsed.add(signature)
+                merged = {**base, **{n: v for n, v in cell.items() if n != "layers"}}
+            elif "layers" in cell:
+                layers_used = True
+            trials.append(merged)
+    if "layers" in axes and not layers_used:
+        raise ConfigError(f"{source}: grid: key 'layers' is given but no trial's intervention "
+                          f"takes layers ({', '.join(LAYER_WISE)})")
+    others = [n for n in names if n not in INTERVENTION_AXES]
+    for values in itertools.product(*(axes[n] for n in others)):
+        for fields_ in baselines.values():
+            trials.append({**base, **dict(zip(others, values)), **fields_})
+    return trials
+
+
+def _check_unique(trials: tuple[TrialConfig, ...], source: str) -> None:
+    """Refuse two trials with one key: they would share a run folder and curve rows."""
+    first: dict[str, int] = {}
+    for number, trial in enumerate(trials, start=1):
+        if trial.key in first:
+            raise ConfigError(f"{source}: trials {first[trial.key]} and {number} have the same key "
+                              f"{trial.key}; every trial must differ")
+        first[trial.key] = number

@@ -1,0 +1,179 @@
+"""``ablate run`` / ``ablate status`` through real Ray on the CPU: the store, kills, resume."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import tiny_trial
+
+from ablation.config import from_dict
+from ablation.grid import load_sweep
+from ablation.trainer import Trainer
+
+TIMING = ["train_seconds", "eval_seconds"]
+
+
+def ablate(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ablation", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_sweep(path, epochs=3, layers=([3, 4],), name="tiny"):
+    base = {k: v for k, v in tiny_trial(epochs=epochs).items()}
+    path.write_text(yaml.safe_dump({
+        "name": name, "base": base,
+        "grid": {"intervention": ["fix_lr"], "layers": [list(l) for l in layers], "seed": [0]},
+        "baselines": {"AT": {"intervention": "none"}},
+    }))
+    return path
+
+
+def reference_curves(config, tmp_path):
+    """The same trial trained in this process, one thread as in the sweep's workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pd.DataFrame(Trainer(config, tmp_path / "ref" / config.key).fit())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stored(run):
+    return pd.read_parquet(run / "curves")
+
+
+def test_tiny_sweep_through_ray_fills_the_store_row_by_row(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml")
+    run = tmp_path / "run"
+    done = ablate("run", sweep, "--storage", run, "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves = stored(run)
+    spec = load_sweep(sweep)
+    assert sorted(curves.key.unique()) == sorted(spec.by_key)
+    assert not curves.duplicated(["key", "epoch"]).any()
+    for key, config in spec.by_key.items():
+        mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
+        for field, value in config.columns().items():  # every identifying field, every row
+            assert (mine[field] == value).all(), field
+        ref = reference_curves(config, tmp_path)
+        pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
+                                      ref.drop(columns=TIMING), check_exact=True)
+    summary = pd.read_parquet(run / "summary.parquet")
+    assert sorted(summary.key) == sorted(spec.by_key)
+    status = ablate("status", run)
+    assert status.returncode == 0 and "2 trials: 2 done" in status.stdout
+    again = ablate("run", sweep, "--storage", run, "--quiet")
+    assert again.returncode == 0 and "0 to run" in again.stderr
+
+
+def test_sigkill_of_the_driver_then_the_same_command_loses_and_repeats_nothing(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (run / "curves").exists() and len(list((run / "curves").glob("*.parquet"))) >= 2 \
+                and 4 <= len(stored(run)) < 12:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(stored(run))
+    assert before < 18, "the sweep finished before the kill"
+    done = ablate("run", sweep, "--storage", run, "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves = stored(run)
+    assert len(curves) == 18 and not curves.duplicated(["key", "epoch"]).any()
+    for key, config in load_sweep(sweep).by_key.items():
+        mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
+        ref = reference_curves(config, tmp_path)
+        pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
+                                      ref.drop(columns=TIMING), check_exact=True)
+        starts = [int(m) for m in re.findall(r"starts at epoch (\d+)",
+                                             (run / "trials" / key / "attempts.log").read_text())]
+        assert starts[0] == 0 and all(s <= 6 for s in starts)
+    assert any(int(s) > 0 for key in load_sweep(sweep).by_key for s in re.findall(
+        r"starts at epoch (\d+)", (run / "trials" / key / "attempts.log").read_text())), \
+        "no trial resumed from a checkpoint"
+
+
+def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=8, layers=([3, 4],))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", str(run), "--quiet",
+           "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 180
+    while time.time() < deadline and victim is None:
+        for log in (run / "trials").glob("*/attempts.log") if (run / "trials").exists() else []:
+            key = log.parent.name
+            curve = run / "curves" / f"{key}.parquet"
+            if curve.exists() and 2 <= len(pd.read_parquet(curve)) < 8:
+                victim = (key, int(re.findall(r"pid (\d+)", log.read_text())[-1]))
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no trial reached its second epoch in time"
+    key, pid = victim
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    starts = re.findall(r"starts at epoch (\d+)", (run / "trials" / key / "attempts.log").read_text())
+    assert len(starts) == 2 and int(starts[1]) >= 2, starts  # resumed, not restarted
+    curves = stored(run)
+    assert len(curves[curves.key == key]) == 8
+    assert not curves.duplicated(["key", "epoch"]).any()
+
+
+def test_added_trials_run_and_changed_trials_are_refused(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=2, layers=([3, 4],))
+    run = tmp_path / "run"
+    assert ablate("run", sweep, "--storage", run, "--quiet").returncode == 0
+    first = {p.parent.name: p.read_text() for p in (run / "trials").glob("*/attempts.log")}
+    write_sweep(sweep, epochs=2, layers=([3, 4], [2]))
+    added = ablate("run", sweep, "--storage", run, "--quiet")
+    assert added.returncode == 0 and "2 done, 1 to run" in added.stderr
+    for key, text in first.items():  # finished trials were not started again
+        assert (run / "trials" / key / "attempts.log").read_text() == text
+    assert stored(run).key.nunique() == 3
+    write_sweep(sweep, epochs=3, layers=([3, 4], [2]))
+    changed = ablate("run", sweep, "--storage", run, "--quiet")
+    assert changed.returncode == 2 and "changed 3 trial(s)" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_lists_keys_and_total_epochs(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=5)
+    done = ablate("run", sweep, "--dry-run")
+    assert done.returncode == 0
+    for key in load_sweep(sweep).by_key:
+        assert key in done.stdout
+    assert "2 trials, 10 epochs in total" in done.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"name": "x", "base": {}, "grid": {"seed": [0]}, "extra": 1}, "extra"),
+    ({"name": "x", "grid": {"seed": []}}, "seed"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[5]]}}, "5"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[]]}}, "layers"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[3, 4], [4, 3]]}}, "same key"),
+])
+def test_bad_sweep_files_fail_with_one_line_and_status_2(tmp_path, raw, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = ablate("run", path, "--dry-run")
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    done = ablate("status", tmp_path)
+    assert done.returncode == 2 and "not an ablate run folder" in done.stderr
