@@ -11,7 +11,8 @@ import click
 import yaml
 
 from .config import TrialConfig, from_dict, load_trial
-from .errors import AblateError, ConfigError, TrainingDiverged
+from .errors import AblateError, ConfigError, RunFailed
+
 
 def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig:
     changes: dict[str, Any] = {}
@@ -67,8 +68,8 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
               show_default=True, help="CPUs reserved per trial (also torch's thread count).")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
               help="GPUs per trial; fractions pack several trials on one GPU (bookkeeping "
-                   "only: each still takes the memory it needs). Default: 1 if this machine "
-                   "has a GPU, else 0.")
+                   "only: each still takes the memory it needs). Default: 1 if the Ray "
+                   "cluster has GPUs, else 0.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="At most this many trials at once (default: as resources allow).")
 @click.option("--max-failures", type=click.IntRange(min=0), default=2, show_default=True,
@@ -98,18 +99,18 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
     from .store import RunDir
     from .tune import SweepProgress, prepare, run_sweep
 
+    if storage and "://" in storage:
+        raise ConfigError(f"--storage {storage}: only folders are supported so far (local or a "
+                          "shared mount such as NFS); the curve store writes through the "
+                          "file system")
     folder = RunDir(storage or Path("runs") / spec.name)
-    todo = prepare(folder, spec.name, spec.trials, spec.autoattack, restart_errored)
+    todo = prepare(folder, spec, restart_errored)
     if spec.description:
         click.echo(" ".join(spec.description.split()), err=True)
     click.echo(f"{spec.name}: {len(spec.trials)} trials, {len(spec.trials) - len(todo)} done, "
                f"{len(todo)} to run; folder {folder.root}", err=True)
     if not todo:
         return
-    if gpus_per_trial is None:
-        import torch
-
-        gpus_per_trial = 1.0 if torch.cuda.is_available() else 0.0
     stored = {(k, int(e)) for k in spec.by_key for e in folder.curves(k).get("epoch", [])}
     progress = SweepProgress(spec.total_epochs, stored, quiet)
     try:
@@ -121,7 +122,7 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
         progress.close()
     errored = [k for k, s in states.items() if s != "done"]
     if errored:
-        raise click.ClickException(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); "
+        raise RunFailed(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); "
                                    f"see {folder.root}/trials/<key>/error.txt, then run the same "
                                    "command again to retry them")
     click.echo(f"{spec.name}: all {len(spec.trials)} trials done; curves in "
@@ -151,6 +152,82 @@ def status(run_dir: Path) -> None:
     click.echo(f"{len(table)} trials: {summary}; time left about {left}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--figure", "figures", multiple=True, metavar="NAME",
+              help="fix_param, fix_lr, awp (the paper's figure grids), gap, heatmap, or all. "
+                   "Repeatable.")
+@click.option("--table", "tables", multiple=True, metavar="NAME",
+              help="best-last, awp-compare, ablation, effects, or all. Repeatable.")
+@click.option("--setting", "settings", multiple=True, metavar="LABEL",
+              help="Another row for the best-last table, named as in the figures' legends, "
+                   "e.g. 'AT_awp_[4]' or AWP. Repeatable.")
+@click.option("--metric", default="test_robust_acc", show_default=True,
+              help="Curve column for the figure grids, e.g. train_robust_acc (Figure 2(b)), "
+                   "test_acc, test_robust_loss.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: reports/<sweep name>).")
+def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
+           settings: tuple[str, ...], metric: str, out: Path | None) -> None:
+    """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from a run folder's Parquet store.
+
+    With neither --figure nor --table: everything, plus index.html showing it all on one page.
+    Works on a partial run (unfinished trials are marked).
+    """
+    from .report import load_run
+    from .report.figures import FIGURES, metric_columns, write_figures
+    from .report.index import write_index
+    from .report.tables import TABLES, write_tables
+
+    for option, given, known in (("--figure", figures, FIGURES), ("--table", tables, TABLES)):
+        for name in given:
+            if name not in (*known, "all"):
+                raise ConfigError(f"{option} {name!r} is unknown; choose from "
+                                  f"{', '.join(known)} or all")
+    run = load_run(run_dir)
+    if run.description:
+        click.echo(" ".join(run.description.split()), err=True)
+    if metric not in metric_columns(run.curves):
+        raise ConfigError(f"--metric {metric!r} is not a curve column; choose from "
+                          f"{', '.join(metric_columns(run.curves))}")
+    unknown = sorted(set(settings) - set(run.curves.label))
+    if unknown:
+        raise ConfigError(f"--setting {unknown[0]!r} is not in this run; its settings are named "
+                          f"like {sorted(set(run.curves.label))[0]!r}")
+    out = (out or Path("reports") / run.name).resolve()
+    everything = not figures and not tables
+    fig_names = FIGURES if everything or "all" in figures else figures
+    table_names = TABLES if everything or "all" in tables else tables
+    written_figures = write_figures(run, fig_names, out, metric) if everything or figures else []
+    written_tables = (write_tables(run, table_names, out, settings) if everything or tables
+                      else [])
+    if everything:
+        index = write_index(out, run.name, run.description, written_figures, written_tables,
+                            run.partial)
+        click.echo(f"wrote {len(written_figures)} figure files, {len(written_tables)} table "
+                   f"files and {index}")
+    else:
+        for path in written_figures + written_tables:
+            click.echo(path)
+    if run.partial:
+        click.echo("note: partial run; unfinished trials are marked", err=True)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n-examples", type=click.IntRange(min=0), default=None,
+              help="Attack the first N test images (default or 0: all of them).")
+@click.option("--device", default=None, help="Where to run, e.g. cuda or cpu (default: each "
+                                             "trial's own device setting).")
+def evaluate(run_dir: Path, n_examples: int | None, device: str | None) -> None:
+    """AutoAttack (standard) the best and last weights of every finished trial that lacks it,
+    and add the numbers to the run's summary table. Resumable: run it again after a stop."""
+    from .evaluate import evaluate_run
+
+    done = evaluate_run(run_dir, n_examples or None, device, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"AutoAttack added for {len(done)} trial(s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
@@ -165,6 +242,6 @@ def main(argv: list[str] | None = None) -> None:
     except AblateError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except TrainingDiverged as err:
+    except RunFailed as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

@@ -13,5 +13,9 @@ class DataError(AblateError):
     """A dataset that is missing, unreadable, or not in the expected format."""
 
 
-class TrainingDiverged(Exception):
+class RunFailed(Exception):
+    """Work that did not complete (a diverged trial, errored sweep trials): one line, exit 1."""
+
+
+class TrainingDiverged(RunFailed):
     """The training loss became NaN or infinite; the trial stops with a one-line message."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,10 @@ import pandas as pd
 import torch
 
 from .config import TrialConfig
-from .io import save_json, save_parquet
+from .io import save_parquet
 from .trainer import Reporter, Trainer, summarize
 
 CURVES = "curves.parquet"
-SUMMARY = "summary.json"
 
 
 def curves_frame(config: TrialConfig, history: list[dict[str, float]]) -> pd.DataFrame:
@@ -66,29 +64,17 @@ def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
     (out / "config.yaml").write_text(config.to_yaml())
     trainer = Trainer(config, out)
     reporter = LocalReporter(out, quiet)
-    already_done = trainer.finished
-    if already_done:
+    if trainer.finished:
         click.echo(f"{config.key}: all {config.epochs} epochs already done in {out}", err=True)
     try:
         history = trainer.fit(reporter)
     finally:
         reporter.close()
-    summary = {"key": config.key, **summarize(history)}
-    if already_done:  # same weights as when the last summary was written: keep its AutoAttack
-        previous = _read_summary(out / SUMMARY)
-        summary.update({k: v for k, v in previous.items() if "autoattack" in k})
     if autoattack is not None:
-        n = min(autoattack or len(trainer.data.test_y), len(trainer.data.test_y))
-        if summary.get("autoattack_n") != n:
-            click.echo(f"{config.key}: AutoAttack on best and last weights...", err=True)
-            summary.update(trainer.autoattack(n))
+        click.echo(f"{config.key}: AutoAttack on best and last weights (unless done)", err=True)
+    summary = trainer.write_summary(autoattack)
     save_parquet(curves_frame(config, history), out / CURVES)
-    save_json(summary, out / SUMMARY)
     _print_summary(summary, out)
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -14,6 +14,7 @@ reader never sees a torn one (temporary files start with a dot, which Parquet re
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import pandas as pd
 
 from .config import TrialConfig, from_dict
 from .errors import AblateError
+from .grid import Sweep
 from .io import save_json, save_parquet
 
 STATES = ("pending", "running", "done", "errored")
@@ -59,10 +61,11 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text())
 
-    def write_manifest(self, name: str, trials: dict[str, TrialConfig],
-                       autoattack: int | None) -> None:
-        save_json({"name": name, "autoattack": autoattack,
-                   "trials": {k: c.to_dict() for k, c in trials.items()}}, self.manifest_path)
+    def write_manifest(self, spec: Sweep) -> None:
+        save_json({"name": spec.name, "description": spec.description,
+                   "autoattack": spec.autoattack,
+                   "trials": {k: c.to_dict() for k, c in spec.by_key.items()}},
+                  self.manifest_path)
 
     def trial_dir(self, key: str) -> Path:
         return self.trials_dir / key
@@ -100,11 +103,15 @@ class RunDir:
         return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
     def add_summary(self, config: TrialConfig, summary: dict[str, Any]) -> None:
-        table = self.summaries()
-        row = pd.DataFrame([{**config.columns(), **summary}])
-        table = pd.concat([table[table.key != config.key], row], ignore_index=True) \
-            if len(table) else row
-        save_parquet(table, self.root / "summary.parquet")
+        """Put one trial's summary row in the table (replacing its old row). Held under a lock
+        file, because `ablate evaluate` may add rows while a sweep's driver does too."""
+        with open(self.root / ".summary.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            table = self.summaries()
+            row = pd.DataFrame([{**config.columns(), **summary}])
+            table = pd.concat([table[table.key != config.key], row], ignore_index=True) \
+                if len(table) else row
+            save_parquet(table, self.root / "summary.parquet")
 
     # --- states -------------------------------------------------------------------------------
 

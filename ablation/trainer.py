@@ -24,11 +24,12 @@ from .data import augment, load_data
 from .errors import ConfigError, TrainingDiverged
 from .evaluate import autoattack_accuracy
 from .interventions import build_intervention
-from .io import load_torch, save_torch
+from .io import load_json, load_torch, save_json, save_torch
 from .methods import build_method
 from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
 CHECKPOINT_FORMAT = 1
 
 
@@ -144,6 +145,7 @@ class Trainer:
         self.best_state: dict[str, Tensor] | None = None
         if self.checkpoint_path.exists():
             self._load_checkpoint()
+        self.finished_at_start = self.finished  # its weights are those of any summary on disk
 
     @property
     def epochs_done(self) -> int:
@@ -291,16 +293,44 @@ class Trainer:
         self.best_state = state["best_model"]
         self.history = state["history"]
 
+    def write_summary(self, autoattack: int | None = None) -> dict[str, Any]:
+        """Write ``summary.json`` (best / last / diff) into the trial folder and return it.
+
+        With ``autoattack`` (N test images, 0 = all) it also holds AutoAttack numbers, reused from
+        the previous summary when no epoch was trained since and N is the same.
+        """
+        summary: dict[str, Any] = {"key": self.config.key, **summarize(self.history)}
+        path = self.workdir / SUMMARY
+        if self.finished_at_start and path.exists():
+            summary.update({k: v for k, v in load_json(path).items() if "autoattack" in k})
+        if autoattack is not None:
+            n = min(autoattack or len(self.data.test_y), len(self.data.test_y))
+            if summary.get("autoattack_n") != n:
+                summary.update(self.autoattack(n))
+        save_json(summary, path)
+        return summary
+
     def autoattack(self, n_examples: int | None = None) -> dict[str, float]:
-        """Standard AutoAttack accuracy of the best and last weights on the test set (A.9)."""
-        out: dict[str, float] = {}
+        """Standard AutoAttack accuracy of the best and last weights on the test set (A.9).
+
+        The best weights' number is kept in ``autoattack.partial.json`` until the last weights'
+        is known too, so a run stopped in between does not attack the best weights again.
+        """
+        n = min(n_examples or len(self.data.test_y), len(self.data.test_y))
+        partial_path = self.workdir / "autoattack.partial.json"
+        partial = load_json(partial_path) if partial_path.exists() else {}
+        out: dict[str, float] = partial if partial.get("autoattack_n") == n else {}
+        out["autoattack_n"] = n
         for which in ("best", "last"):
+            if f"{which}_autoattack_acc" in out:
+                continue
             self.load_weights(which)
             out[f"{which}_autoattack_acc"] = autoattack_accuracy(
-                self.model, self.data.test_x, self.data.test_y, self.eval_threat, n_examples,
+                self.model, self.data.test_x, self.data.test_y, self.eval_threat, n,
                 seed=self.config.seed)
+            save_json(out, partial_path)
         out["diff_autoattack_acc"] = out["best_autoattack_acc"] - out["last_autoattack_acc"]
-        out["autoattack_n"] = min(n_examples or len(self.data.test_y), len(self.data.test_y))
+        partial_path.unlink(missing_ok=True)
         return out
 
     def load_weights(self, which: str) -> None:

@@ -18,11 +18,10 @@ from typing import Any
 
 from .config import TrialConfig, from_dict
 from .errors import ConfigError
-from .io import load_json, save_json
+from .grid import Sweep
+from .io import load_json
 from .store import RunDir
-from .trainer import Reporter, Trainer, summarize
-
-SUMMARY = "summary.json"
+from .trainer import SUMMARY, Reporter, Trainer
 
 
 class TuneReporter(Reporter):
@@ -59,18 +58,8 @@ def ablate_trial(params: dict[str, Any]) -> None:
         with open(workdir / "attempts.log", "a") as log:  # one line per start: resumed where
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} starts at "
                       f"epoch {trainer.epochs_done}\n")
-        already_done = trainer.finished
-        history = trainer.fit(TuneReporter())
-        summary = {"key": config.key, **summarize(history)}
-        if already_done and (workdir / SUMMARY).exists():
-            previous = load_json(workdir / SUMMARY)
-            summary.update({k: v for k, v in previous.items() if "autoattack" in k})
-        n = spec.get("autoattack")
-        if n is not None:
-            n = min(n or len(trainer.data.test_y), len(trainer.data.test_y))
-            if summary.get("autoattack_n") != n:
-                summary.update(trainer.autoattack(n))
-        save_json(summary, workdir / SUMMARY)
+        trainer.fit(TuneReporter())
+        summary = trainer.write_summary(spec.get("autoattack"))
     tune.report({"summary": summary, "pid": os.getpid()})
 
 
@@ -122,6 +111,7 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
             key = _key(trial)
             if "row" in result:
                 run.add_epochs(configs[key], [result["row"]])
+                run.write_states(states)  # refreshes the heartbeat that `ablate status` reads
                 progress.epoch(key, result["row"])
             if "summary" in result:
                 run.add_summary(configs[key], result["summary"])
@@ -140,14 +130,13 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
     return StoreCallback()
 
 
-def prepare(run: RunDir, name: str, trials: tuple[TrialConfig, ...], autoattack: int | None,
-            restart_errored: bool) -> dict[str, TrialConfig]:
+def prepare(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
     """Check the sweep against what the folder holds, record it, and return the trials to run.
 
     A trial stored here but absent from the sweep means the file changed what existing trials
     compute (their keys hash the whole config): refuse rather than orphan their work.
     """
-    configs = {c.key: c for c in trials}
+    name, autoattack, configs = spec.name, spec.autoattack, spec.by_key
     if run.exists():
         stored = run.manifest()
         if stored["name"] != name:
@@ -158,7 +147,7 @@ def prepare(run: RunDir, name: str, trials: tuple[TrialConfig, ...], autoattack:
             raise ConfigError(
                 f"the sweep file changed {len(gone)} trial(s) already in {run.root} "
                 f"(e.g. {gone[0]}); undo the change or run it with another --storage")
-    run.write_manifest(name, configs, autoattack)
+    run.write_manifest(spec)
     todo = {}
     for key, config in configs.items():
         folder = run.trial_dir(key)
@@ -186,9 +175,12 @@ def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
 
 
 def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, address: str | None,
-              cpus_per_trial: float, gpus_per_trial: float, max_concurrent: int | None,
+              cpus_per_trial: float, gpus_per_trial: float | None, max_concurrent: int | None,
               max_failures: int, autoattack: int | None, progress) -> dict[str, str]:
-    """Dispatch the trials through Ray Tune; returns the final state of each trial."""
+    """Dispatch the trials through Ray Tune; returns the final state of each trial.
+
+    ``gpus_per_trial=None`` means one GPU per trial if the Ray cluster has GPUs, else none.
+    """
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; ours shows
     import ray
@@ -198,6 +190,8 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, address: str | None,
         ray.init(address=address, log_to_driver=False)
     else:  # a local Ray, its dashboard (if installed) reachable from this machine only
         ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    if gpus_per_trial is None:  # ask the cluster, not this machine: the head may have no GPU
+        gpus_per_trial = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     states = {key: "pending" for key in todo}
     run.write_states(states)
     threads = max(1, int(cpus_per_trial))

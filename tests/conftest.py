@@ -123,3 +123,57 @@ def tiny_trial(**overrides: object) -> dict:
     return {"dataset": "synthetic", "model": "preact_small", "width": 4, "blocks": 1,
             "epochs": 4, "batch_size": 64, "test_batch_size": 128, "train_steps": 2,
             "test_steps": 3, "train_eval_size": 64, "device": "cpu", **overrides}
+
+
+def run_sweep_in_process(sweep: dict, root: Path, *, stop_after: dict | None = None) -> Path:
+    """Write a run folder as ``ablate run`` does, minus Ray: the real grid, trainer and store.
+
+    ``stop_after`` maps trial index -> epochs, leaving those trials unfinished (a partial run).
+    """
+    import torch
+
+    from ablation.grid import sweep_from_dict
+    from ablation.store import RunDir
+    from ablation.trainer import Reporter, Trainer
+
+    spec = sweep_from_dict(sweep, source="test-sweep")
+    run = RunDir(root)
+    run.write_manifest(spec)
+    stop_after = stop_after or {}
+
+    class Store(Reporter):
+        def __init__(self, config, limit):
+            self.config, self.limit = config, limit
+
+        def epoch(self, row, checkpoint):
+            run.add_epochs(self.config, [row])
+            if row["epoch"] + 1 == self.limit:
+                raise StopIteration
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, config in enumerate(spec.trials):
+            trainer = Trainer(config, run.trial_dir(config.key))
+            try:
+                trainer.fit(Store(config, stop_after.get(i)))
+            except StopIteration:
+                continue
+            run.add_summary(config, trainer.write_summary(spec.autoattack))
+    finally:
+        torch.set_num_threads(threads)
+    return run.root
+
+
+def tiny_study(epochs: int = 3) -> dict:
+    """The paper's design in miniature: fix_param, fix_lr, awp on all 15 subsets, AT, AWP."""
+    base = tiny_trial(epochs=epochs, width=2, train_steps=1, test_steps=2, train_eval_size=32)
+    return {"name": "tiny_study", "base": base,
+            "grid": {"intervention": ["fix_param", "fix_lr", "awp"], "layers": "all"},
+            "baselines": {"AT": {"intervention": "none"}, "AWP": {"intervention": "awp_full"}}}
+
+
+@pytest.fixture(scope="session")
+def study_run(tmp_path_factory) -> Path:
+    """A finished 47-trial run folder of tiny_study (built once per test session)."""
+    return run_sweep_in_process(tiny_study(), tmp_path_factory.mktemp("study") / "tiny_study")

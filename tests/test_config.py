@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from ablation.config import TrialConfig, from_dict, load_trial
 from ablation.errors import ConfigError

@@ -6,14 +6,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 from conftest import tiny_trial
 
-from ablation.config import from_dict
 from ablation.grid import load_sweep
+from ablation.report import load_run
+from ablation.report.figures import intervention_grid
+from ablation.report.tables import best_last
 from ablation.trainer import Trainer
 
 TIMING = ["train_seconds", "eval_seconds"]
@@ -70,6 +73,22 @@ def test_tiny_sweep_through_ray_fills_the_store_row_by_row(tmp_path):
     assert status.returncode == 0 and "2 trials: 2 done" in status.stdout
     again = ablate("run", sweep, "--storage", run, "--quiet")
     assert again.returncode == 0 and "0 to run" in again.stderr
+    check_report_of_a_ray_run(run, curves)
+
+
+def check_report_of_a_ray_run(run, curves):
+    """The report reads the store the Ray driver wrote: panel 3 of the fix_lr grid holds AT and
+    AT_fix_lr_[3, 4] with the stored values; the table's Best/Last match the curves."""
+    report = load_run(run)
+    (_, fig), = intervention_grid(report, "fix_lr")
+    panel = fig.axes[2]
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["AT", "AT_fix_lr_[3, 4]"]
+    (drawn,) = [ln for ln in panel.get_lines() if ln.get_label() == "AT_fix_lr_[3, 4]"]
+    mine = curves[curves.intervention == "fix_lr"].sort_values("epoch").test_robust_acc
+    np.testing.assert_allclose(drawn.get_ydata(), 100 * mine.to_numpy())
+    table = best_last(report).attrs["numbers"].set_index("name")
+    assert table.loc["RAT_LR", "pgd_best"] == pytest.approx(100 * mine.max())
+    assert table.loc["RAT_LR", "pgd_last"] == pytest.approx(100 * mine.iloc[-1])
 
 
 def test_sigkill_of_the_driver_then_the_same_command_loses_and_repeats_nothing(tmp_path):
@@ -177,3 +196,29 @@ def test_bad_sweep_files_fail_with_one_line_and_status_2(tmp_path, raw, needle):
 def test_status_of_a_folder_that_is_not_a_run(tmp_path):
     done = ablate("status", tmp_path)
     assert done.returncode == 2 and "not an ablate run folder" in done.stderr
+
+
+def test_an_errored_trial_does_not_stop_the_others_and_can_be_restarted(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "errs", "base": tiny_trial(epochs=2),
+        "baselines": {"AT": {"intervention": "none"},
+                      "BOOM": {"intervention": "none", "lr_max": 1e12, "momentum": 0.0}}}))
+    run = tmp_path / "run"
+    first = ablate("run", sweep, "--storage", run, "--quiet", "--max-failures", "0")
+    assert first.returncode == 1 and "1 trial(s) did not finish" in first.stderr.splitlines()[-1]
+    status = ablate("status", run).stdout
+    assert "1 done" in status and "1 errored" in status
+    (boom,) = [p.parent for p in (run / "trials").glob("*/error.txt")]
+    assert "became nan" in (boom / "error.txt").read_text() or "became inf" in (
+        boom / "error.txt").read_text()
+    again = ablate("run", sweep, "--storage", run, "--quiet", "--max-failures", "0",
+                   "--restart-errored")
+    assert again.returncode == 1 and "1 done, 1 to run" in again.stderr
+    assert len((boom / "attempts.log").read_text().splitlines()) == 1  # its folder started afresh
+
+
+def test_object_store_urls_are_refused_in_one_line(tmp_path):
+    done = ablate("run", write_sweep(tmp_path / "s.yaml"), "--storage", "s3://bucket/runs")
+    assert done.returncode == 2 and "only folders" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

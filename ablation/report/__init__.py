@@ -1,0 +1,72 @@
+"""Reports from a run folder's Parquet store: the paper's figures and tables, and more.
+
+Everything here reads only ``curves/``, ``summary.parquet`` and ``sweep.json`` of a run folder
+(never Ray state), so a report works on a partial run and on a copy of the folder elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import AblateError
+
+# The columns that tell trials apart in a report; a figure or table is made per combination of
+# SETTING columns, and curves within it differ by intervention and layers.
+SETTING = ["dataset", "threat", "model", "method"]
+METHOD_NAMES = {"at": "AT", "trades": "TRADES"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder's data: per-epoch curves, per-trial summaries, and which trials are done."""
+
+    root: Path
+    name: str
+    description: str  # the sweep file's own words (the demo's says what it does not show)
+    curves: pd.DataFrame  # one row per (key, epoch), plus `label` and `complete` columns
+    summary: pd.DataFrame  # one row per finished trial (may be empty), plus `label`
+
+    @property
+    def partial(self) -> bool:
+        return not self.curves.complete.all()
+
+
+def label(method: str, intervention: str, layers: str) -> str:
+    """The paper's name of a setting: AT, AWP, AT_fix_lr_[3, 4], TRADES_awp_[4], ..."""
+    name = METHOD_NAMES.get(method, method.upper())
+    if intervention == "none":
+        return name
+    if intervention == "awp_full":
+        return "AWP" if method == "at" else f"{name}-AWP"
+    subset = ", ".join(layers.split(",")) if layers else ""
+    return f"{name}_{intervention}_[{subset}]"
+
+
+def _with_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["label"] = [label(m, i, l) for m, i, l in
+                      zip(frame.method, frame.intervention, frame.layers)]
+    return frame
+
+
+def load_run(root: str | Path) -> Run:
+    """Read a run folder; a clear one-line error if it is not one or holds no curves yet."""
+    root = Path(root)
+    manifest = root / "sweep.json"
+    if not manifest.exists():
+        raise AblateError(f"{root}: not an ablate run folder (no sweep.json)")
+    if not any((root / "curves").glob("*.parquet")):
+        raise AblateError(f"{root}: no epoch has finished yet (curves/ is empty)")
+    stored = json.loads(manifest.read_text())
+    curves = pd.read_parquet(root / "curves").sort_values(["key", "epoch"]).reset_index(drop=True)
+    done = curves.groupby("key").epoch.transform("count") >= curves.epochs
+    curves["complete"] = done
+    summary_path = root / "summary.parquet"
+    summary = pd.read_parquet(summary_path) if summary_path.exists() else pd.DataFrame(
+        columns=["key", *SETTING, "intervention", "layers", "seed"])
+    return Run(root=root, name=stored["name"], description=stored.get("description", ""),
+               curves=_with_labels(curves), summary=_with_labels(summary))
