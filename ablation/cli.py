@@ -160,8 +160,9 @@ def status(run_dir: Path) -> None:
 @click.option("--table", "tables", multiple=True, metavar="NAME",
               help="best-last, awp-compare, ablation, effects, or all. Repeatable.")
 @click.option("--setting", "settings", multiple=True, metavar="LABEL",
-              help="Another row for the best-last table, named as in the figures' legends, "
-                   "e.g. 'AT_awp_[4]' or AWP. Repeatable.")
+              help="A setting, named as in the figures' legends (e.g. 'AT_awp_[4]', AWP): "
+                   "the gap figure draws these instead of the paper's sets, and the "
+                   "best-last table adds them as rows. Repeatable.")
 @click.option("--metric", default="test_robust_acc", show_default=True,
               help="Curve column for the figure grids, e.g. train_robust_acc (Figure 2(b)), "
                    "test_acc, test_robust_loss.")
@@ -198,7 +199,8 @@ def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
     everything = not figures and not tables
     fig_names = FIGURES if everything or "all" in figures else figures
     table_names = TABLES if everything or "all" in tables else tables
-    written_figures = write_figures(run, fig_names, out, metric) if everything or figures else []
+    written_figures = (write_figures(run, fig_names, out, metric, settings)
+                       if everything or figures else [])
     written_tables = (write_tables(run, table_names, out, settings) if everything or tables
                       else [])
     if everything:

@@ -72,11 +72,14 @@ def test_report_writes_everything_and_an_index_whose_links_exist(study_run, tmp_
 
 def test_report_single_figure_and_table_and_bad_input(study_run, tmp_path):
     out = tmp_path / "one"
-    done = ablate("report", study_run, "--figure", "fix_lr", "--table", "best-last", "--out", out,
-                  "--metric", "train_robust_acc", "--setting", "AT_awp_[4]")
+    done = ablate("report", study_run, "--figure", "fix_lr", "--figure", "gap", "--table",
+                  "best-last", "--out", out, "--metric", "train_robust_acc",
+                  "--setting", "AT_awp_[4]")
     assert done.returncode == 0, done.stderr[-3000:]
     written = [Path(p).name for p in done.stdout.split()]
     assert any(n.startswith("fix_lr") and n.endswith(".png") for n in written)
+    assert [n for n in written if n.startswith("gap")] == [  # the chosen setting only
+        "gap-synthetic-linf-preact_small-at.png", "gap-synthetic-linf-preact_small-at.pdf"]
     assert any(n.startswith("best-last") and n.endswith(".md") for n in written)
     assert not (out / "index.html").exists()
     methods = pd.read_csv(out / "best-last.csv").name.tolist()

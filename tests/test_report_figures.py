@@ -59,7 +59,7 @@ def test_grid_panels_hold_the_papers_settings_and_the_stored_curves(run, interve
     np.testing.assert_allclose(line(axes[0], "AT").get_xdata(), [1, 2, 3])
     assert line(axes[0], "AT").get_color() == "black"
     title = fig.get_suptitle()
-    assert intervention in title and "Linf" in title and "partial" not in title
+    assert intervention in title and "L∞" in title and "partial" not in title
 
 
 def test_grid_of_another_metric_plots_that_column_and_names_it(run):

@@ -18,6 +18,19 @@ from ..errors import AblateError
 # SETTING columns, and curves within it differ by intervention and layers.
 SETTING = ["dataset", "threat", "model", "method"]
 METHOD_NAMES = {"at": "AT", "trades": "TRADES"}
+# How figures and tables write the other SETTING values (a value not listed is shown as it is).
+DISPLAY_NAMES = {
+    "dataset": {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"},
+    "threat": {"linf": "L∞", "l2": "L2"},
+    "model": {"preact18": "PreAct ResNet-18", "preact34": "PreAct ResNet-34",
+              "wrn34_10": "WRN-34-10", "vgg16": "VGG-16", "dpn26": "DPN-26", "dla": "DLA"},
+    "method": METHOD_NAMES,
+}
+
+
+def display_name(column: str, value: str) -> str:
+    """The name a report shows for a SETTING value: CIFAR-10, L∞, PreAct ResNet-18, AT."""
+    return DISPLAY_NAMES[column].get(value, value)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..errors import AblateError
 from ..io import atomic_path
-from . import METHOD_NAMES, SETTING, Run, label
+from . import SETTING, Run, display_name, label
 
 FIGURES = ("fix_param", "fix_lr", "awp", "gap", "heatmap")
 INTERVENTIONS = ("fix_param", "fix_lr", "awp")  # the per-subset interventions of the study
@@ -50,8 +50,6 @@ STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.lab
 DPI = 150
 OVERFIT_FLOOR = 1.0  # pp: the heatmap's colour scale never ends below this
 
-_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
-_THREATS = {"linf": "Linf", "l2": "L2"}
 _METRIC_NAMES = {
     "test_robust_acc": "Test robust accuracy", "test_acc": "Test natural accuracy",
     "train_robust_acc": "Train robust accuracy", "train_acc": "Train natural accuracy",
@@ -102,9 +100,7 @@ def metric_name(metric: str) -> str:
 
 
 def _setting_title(values: dict[str, str]) -> str:
-    return " · ".join([_DATASETS.get(values["dataset"], values["dataset"]),
-                       _THREATS.get(values["threat"], values["threat"]), values["model"],
-                       METHOD_NAMES.get(values["method"], values["method"].upper())])
+    return " · ".join(display_name(c, values[c]) for c in SETTING)
 
 
 def _stem(kind: str, values: dict[str, str], suffix: str = "") -> str:
@@ -344,11 +340,12 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
     return figures
 
 
-def write_figures(run: Run, names: Iterable[str], out: Path,
-                  metric: str = "test_robust_acc") -> list[Path]:
+def write_figures(run: Run, names: Iterable[str], out: Path, metric: str = "test_robust_acc",
+                  settings: Iterable[str] = ()) -> list[Path]:
     """Save the named figures (each setting's) as PNG (dpi 150) and PDF under ``out``.
 
-    ``metric`` applies to the intervention grids. A figure without data in this run (say, no
+    ``metric`` applies to the intervention grids; ``settings`` (labels), when given, are the
+    curves of the gap figure instead of the paper's two sets. A figure without data in this run (say, no
     fix_param trials) is skipped. Returns the written paths; the figures are released.
     """
     names = list(dict.fromkeys(names))  # keep order, drop repeats
@@ -364,7 +361,7 @@ def write_figures(run: Run, names: Iterable[str], out: Path,
         if name in INTERVENTIONS:
             made = intervention_grid(run, name, metric)
         elif name == "gap":
-            made = gap_figure(run)
+            made = gap_figure(run, list(settings) or None)
         else:
             made = heatmap(run)
         for stem, fig in made:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..errors import AblateError
 from ..io import atomic_path
-from . import METHOD_NAMES, SETTING, Run, label as setting_label
+from . import METHOD_NAMES, SETTING, Run, display_name, label as setting_label
 
 TABLES = ("best-last", "awp-compare", "ablation", "effects")
 
@@ -42,10 +42,6 @@ SUBSETS: list[tuple[int, ...]] = [s for r in range(1, 5)
 DASH = "–"  # en dash: a missing value (never 0)
 RUNNING = " *"
 RUNNING_NOTE = "* still running; Last is the latest epoch so far."
-NETWORKS = {"preact18": "PreAct ResNet-18", "preact34": "PreAct ResNet-34",
-            "wrn34_10": "Wide ResNet-34-10"}
-THREATS = {"linf": "L∞", "l2": "L2"}
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
 # Metric prefixes in the numbers frames, their display group, and where they come from.
 METRICS = {"nat": "Natural", "pgd": "PGD-20", "aa": "AA"}
 PARTS = ("best", "last", "diff")
@@ -174,9 +170,9 @@ def _mark_running(numbers: pd.DataFrame, column: str) -> pd.DataFrame:
 def _pretty_setting(numbers: pd.DataFrame) -> pd.DataFrame:
     """Paper names for network, threat and dataset (unknown names are shown as they are)."""
     numbers = numbers.copy()
-    for column, names in (("model", NETWORKS), ("threat", THREATS), ("dataset", DATASETS)):
+    for column in ("model", "threat", "dataset"):
         if column in numbers:
-            numbers[column] = [names.get(v, v) for v in numbers[column]]
+            numbers[column] = [display_name(column, v) for v in numbers[column]]
     return numbers
 
 
