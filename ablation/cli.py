@@ -57,10 +57,11 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
 
 @cli.command()
 @click.argument("sweep", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--storage", default=None, metavar="DIR",
-              help="Run folder (default: runs/<sweep name>). A shared folder (NFS) lets a "
-                   "multi-node cluster see every trial's checkpoint. Running the same command "
-                   "again resumes the sweep stored there.")
+@click.option("--storage", default=None, metavar="DIR|URI",
+              help="Run folder (default: runs/<sweep name>): a local or shared (NFS) folder, "
+                   "or a URI such as s3://bucket/runs/name (worked on through a local mirror "
+                   "in $ABLATE_CACHE, every file pushed to the URI as it is written). Running "
+                   "the same command again resumes the sweep stored there.")
 @click.option("--address", default=None, metavar="ADDR",
               help="Join an existing Ray cluster ('auto', or host:port); default: start a local "
                    "Ray on this machine.")
@@ -99,16 +100,12 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
     from .store import RunDir
     from .tune import SweepProgress, prepare, run_sweep
 
-    if storage and "://" in storage:
-        raise ConfigError(f"--storage {storage}: only folders are supported so far (local or a "
-                          "shared mount such as NFS); the curve store writes through the "
-                          "file system")
-    folder = RunDir(storage or Path("runs") / spec.name)
+    folder = RunDir.open(storage or Path("runs") / spec.name)
     todo = prepare(folder, spec, restart_errored)
     if spec.description:
         click.echo(" ".join(spec.description.split()), err=True)
     click.echo(f"{spec.name}: {len(spec.trials)} trials, {len(spec.trials) - len(todo)} done, "
-               f"{len(todo)} to run; folder {folder.root}", err=True)
+               f"{len(todo)} to run; folder {folder.location}", err=True)
     if not todo:
         return
     stored = {(k, int(e)) for k in spec.by_key for e in folder.curves(k).get("epoch", [])}
@@ -122,21 +119,21 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
         progress.close()
     errored = [k for k, s in states.items() if s != "done"]
     if errored:
-        raise RunFailed(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); "
-                                   f"see {folder.root}/trials/<key>/error.txt, then run the same "
-                                   "command again to retry them")
+        raise RunFailed(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); see "
+                        f"{folder.location}/trials/<key>/error.txt, then run the same command "
+                        "again to retry them")
     click.echo(f"{spec.name}: all {len(spec.trials)} trials done; curves in "
-               f"{folder.curves_dir}")
+               f"{folder.location}/curves")
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-def status(run_dir: Path) -> None:
+@click.argument("run_dir")
+def status(run_dir: str) -> None:
     """Per trial of a run folder: state, epochs done, best and current test robust accuracy,
     and an estimate of the time left."""
     from .store import RunDir, status_table
 
-    table, eta = status_table(RunDir(run_dir))
+    table, eta = status_table(RunDir.open(run_dir))
     width = max(len(k) for k in table.key)
     click.echo(f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}")
     for row in table.itertuples():
@@ -153,7 +150,7 @@ def status(run_dir: Path) -> None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir")
 @click.option("--figure", "figures", multiple=True, metavar="NAME",
               help="fix_param, fix_lr, awp (the paper's figure grids), gap, heatmap, or all. "
                    "Repeatable.")
@@ -168,7 +165,7 @@ def status(run_dir: Path) -> None:
                    "test_acc, test_robust_loss.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: reports/<sweep name>).")
-def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
+def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
            settings: tuple[str, ...], metric: str, out: Path | None) -> None:
     """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from a run folder's Parquet store.
 
@@ -185,7 +182,7 @@ def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
             if name not in (*known, "all"):
                 raise ConfigError(f"{option} {name!r} is unknown; choose from "
                                   f"{', '.join(known)} or all")
-    run = load_run(run_dir)
+    run = load_run(run_dir)  # a path or a URI
     if run.description:
         click.echo(" ".join(run.description.split()), err=True)
     if metric not in metric_columns(run.curves):
@@ -201,8 +198,9 @@ def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
     table_names = TABLES if everything or "all" in tables else tables
     written_figures = (write_figures(run, fig_names, out, metric, settings)
                        if everything or figures else [])
-    written_tables = (write_tables(run, table_names, out, settings) if everything or tables
-                      else [])
+    written_tables = (write_tables(run, table_names, out, settings,
+                                   warn=lambda message: click.echo(message, err=True))
+                      if everything or tables else [])
     if everything:
         index = write_index(out, run.name, run.description, written_figures, written_tables,
                             run.partial)
@@ -216,12 +214,12 @@ def report(run_dir: Path, figures: tuple[str, ...], tables: tuple[str, ...],
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir")
 @click.option("--n-examples", type=click.IntRange(min=0), default=None,
               help="Attack the first N test images (default or 0: all of them).")
 @click.option("--device", default=None, help="Where to run, e.g. cuda or cpu (default: each "
                                              "trial's own device setting).")
-def evaluate(run_dir: Path, n_examples: int | None, device: str | None) -> None:
+def evaluate(run_dir: str, n_examples: int | None, device: str | None) -> None:
     """AutoAttack (standard) the best and last weights of every finished trial that lacks it,
     and add the numbers to the run's summary table. Resumable: run it again after a stop."""
     from .evaluate import evaluate_run

@@ -42,31 +42,39 @@ def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, threat
     return correct / n
 
 
-def evaluate_run(root, n_examples: int | None, device: str | None = None,
+def evaluate_run(location, n_examples: int | None, device: str | None = None,
                  echo=print) -> list[str]:
-    """AutoAttack the best and last weights of every finished trial of a run folder that lacks
-    it (or has it on another number of images). Each trial's numbers are saved as soon as they
-    exist, so an interrupted evaluation resumes where it stopped. Returns the keys evaluated."""
+    """AutoAttack the best and last weights of every finished trial of a run folder (a path or a
+    URI) that lacks it (or has it on another number of images). Each trial's numbers are saved
+    as soon as they exist, so an interrupted evaluation resumes where it stopped. Returns the
+    keys evaluated."""
+    from .data import load_data
     from .io import load_json, save_json
     from .store import RunDir
-    from .trainer import Trainer
+    from .trainer import CHECKPOINT, SUMMARY, Trainer
 
-    run = RunDir(root)
+    run = RunDir.open(location)
+    test_sizes: dict[tuple, int] = {}
     done = []
     for key, config in run.trials().items():
-        summary_path = run.trial_dir(key) / "summary.json"
+        summary_path = run.trial_dir(key) / SUMMARY
         if not summary_path.exists():
             continue  # not finished: nothing final to attack yet
         summary = load_json(summary_path)
-        if device:
-            config = config.replace(device=device)  # where it runs is not part of the key
-        trainer = Trainer(config, run.trial_dir(key))
-        n = min(n_examples or len(trainer.data.test_y), len(trainer.data.test_y))
+        data = (config.dataset, config.data_root, config.download)
+        if data not in test_sizes:
+            test_sizes[data] = len(load_data(*data).test_y)
+        n = min(n_examples or test_sizes[data], test_sizes[data])
         if summary.get("autoattack_n") == n:
             continue
+        if device:
+            config = config.replace(device=device)  # where it runs is not part of the key
+        run.sync(f"trials/{key}/{CHECKPOINT}")
+        trainer = Trainer(config, run.trial_dir(key))
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
         summary.update(trainer.autoattack(n))
         save_json(summary, summary_path)
+        run.push(summary_path)
         run.add_summary(config, summary)
         done.append(key)
     return done

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,18 @@ from .errors import ConfigError
 from .grid import Sweep
 from .io import load_json
 from .store import RunDir
-from .trainer import SUMMARY, Reporter, Trainer
+from .trainer import CHECKPOINT, SUMMARY, Reporter, Trainer
+
+ATTEMPTS = "attempts.log"
 
 
 class TuneReporter(Reporter):
     """Reports each epoch to Tune; on start it replays the epochs a checkpoint already holds, so
-    the driver's store is complete even if an earlier driver died before receiving them."""
+    the driver's store is complete even if an earlier driver died before receiving them. Each
+    epoch's checkpoint reaches the run folder's URI (if any) before the epoch is reported."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
 
     def start(self, config, history):
         from ray import tune
@@ -37,6 +43,7 @@ class TuneReporter(Reporter):
     def epoch(self, row, checkpoint):
         from ray import tune
 
+        self.run.push(checkpoint)
         tune.report({"row": row, "pid": os.getpid()})
 
 
@@ -46,20 +53,25 @@ def ablate_trial(params: dict[str, Any]) -> None:
     from ray import tune
 
     spec = params["trial"]
-    config = from_dict(spec["config"], source=spec["key"])
-    workdir = Path(spec["workdir"])
+    key, config = spec["key"], from_dict(spec["config"], source=spec["key"])
+    run = RunDir.attach(spec["run"])  # on another node, a URI's mirror on that node
+    workdir = run.trial_dir(key)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(spec["threads"])))
     with open(workdir / ".lock", "w") as lock:
         # A worker orphaned by a killed driver may still hold this trial; wait for it to end
         # rather than write the same checkpoint from two processes.
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in (CHECKPOINT, SUMMARY, ATTEMPTS):
+            run.sync(f"trials/{key}/{name}")  # the URI's copy is the truth, not this node's
         trainer = Trainer(config, workdir)
-        with open(workdir / "attempts.log", "a") as log:  # one line per start: resumed where
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} starts at "
-                      f"epoch {trainer.epochs_done}\n")
-        trainer.fit(TuneReporter())
+        with open(workdir / ATTEMPTS, "a") as log:  # one line per start: resumed where
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on "
+                      f"{socket.gethostname()} starts at epoch {trainer.epochs_done}\n")
+        run.push(workdir / ATTEMPTS)
+        trainer.fit(TuneReporter(run))
         summary = trainer.write_summary(spec.get("autoattack"))
+        run.push(workdir / SUMMARY)
     tune.report({"summary": summary, "pid": os.getpid()})
 
 
@@ -117,14 +129,13 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
                 run.add_summary(configs[key], result["summary"])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            (run.trial_dir(_key(trial)) / "error.txt").unlink(missing_ok=True)
+            run.clear_error(_key(trial))
             self._state(trial, "done")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = getattr(trial, "error_file", None)
             text = Path(error).read_text() if error and Path(error).exists() else "unknown error"
-            run.trial_dir(_key(trial)).mkdir(parents=True, exist_ok=True)
-            (run.trial_dir(_key(trial)) / "error.txt").write_text(text)
+            run.mark_errored(_key(trial), text)
             self._state(trial, "errored")
 
     return StoreCallback()
@@ -140,12 +151,12 @@ def prepare(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialC
     if run.exists():
         stored = run.manifest()
         if stored["name"] != name:
-            raise ConfigError(f"{run.root}: holds sweep {stored['name']!r}, not {name!r}; "
+            raise ConfigError(f"{run.location}: holds sweep {stored['name']!r}, not {name!r}; "
                               "use another --storage")
         gone = [k for k in stored["trials"] if k not in configs]
         if gone:
             raise ConfigError(
-                f"the sweep file changed {len(gone)} trial(s) already in {run.root} "
+                f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
                 f"(e.g. {gone[0]}); undo the change or run it with another --storage")
     run.write_manifest(spec)
     todo = {}
@@ -153,7 +164,6 @@ def prepare(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialC
         folder = run.trial_dir(key)
         errored = (folder / "error.txt").exists()
         if errored and restart_errored:
-            shutil.rmtree(folder)
             run.forget(key)
         if not (folder / SUMMARY).exists() or (autoattack is not None and "autoattack_n" not in
                                                load_json(folder / SUMMARY)):
@@ -169,7 +179,7 @@ def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
         root = Path(config.data_root).expanduser()
         if not root.is_absolute():
             config = config.replace(data_root=str(root.resolve()))  # not in the key: same trial
-        out.append({"key": key, "config": config.to_dict(), "workdir": str(run.trial_dir(key)),
+        out.append({"key": key, "config": config.to_dict(), "run": run.location,
                     "threads": threads, "autoattack": autoattack})
     return out
 

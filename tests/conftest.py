@@ -125,8 +125,10 @@ def tiny_trial(**overrides: object) -> dict:
             "test_steps": 3, "train_eval_size": 64, "device": "cpu", **overrides}
 
 
-def run_sweep_in_process(sweep: dict, root: Path, *, stop_after: dict | None = None) -> Path:
+def run_sweep_in_process(sweep: dict, root: Path | str, *,
+                         stop_after: dict | None = None) -> Path:
     """Write a run folder as ``ablate run`` does, minus Ray: the real grid, trainer and store.
+    ``root`` may be a URI; the local mirror's path is returned.
 
     ``stop_after`` maps trial index -> epochs, leaving those trials unfinished (a partial run).
     """
@@ -137,7 +139,7 @@ def run_sweep_in_process(sweep: dict, root: Path, *, stop_after: dict | None = N
     from ablation.trainer import Reporter, Trainer
 
     spec = sweep_from_dict(sweep, source="test-sweep")
-    run = RunDir(root)
+    run = RunDir.attach(root)
     run.write_manifest(spec)
     stop_after = stop_after or {}
 
@@ -146,6 +148,7 @@ def run_sweep_in_process(sweep: dict, root: Path, *, stop_after: dict | None = N
             self.config, self.limit = config, limit
 
         def epoch(self, row, checkpoint):
+            run.push(checkpoint)  # as the Ray workers do
             run.add_epochs(self.config, [row])
             if row["epoch"] + 1 == self.limit:
                 raise StopIteration
@@ -160,6 +163,7 @@ def run_sweep_in_process(sweep: dict, root: Path, *, stop_after: dict | None = N
             except StopIteration:
                 continue
             run.add_summary(config, trainer.write_summary(spec.autoattack))
+            run.push(run.trial_dir(config.key) / "summary.json")
     finally:
         torch.set_num_threads(threads)
     return run.root

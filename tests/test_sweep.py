@@ -1,6 +1,9 @@
 """``ablate run`` / ``ablate status`` through real Ray on the CPU: the store, kills, resume."""
 
+import fcntl
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +25,10 @@ from ablation.trainer import Trainer
 TIMING = ["train_seconds", "eval_seconds"]
 
 
-def ablate(*args, timeout=600):
+def ablate(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "ablation", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def write_sweep(path, epochs=3, layers=([3, 4],), name="tiny"):
@@ -218,7 +222,55 @@ def test_an_errored_trial_does_not_stop_the_others_and_can_be_restarted(tmp_path
     assert len((boom / "attempts.log").read_text().splitlines()) == 1  # its folder started afresh
 
 
-def test_object_store_urls_are_refused_in_one_line(tmp_path):
-    done = ablate("run", write_sweep(tmp_path / "s.yaml"), "--storage", "s3://bucket/runs")
-    assert done.returncode == 2 and "only folders" in done.stderr
+def test_a_sweep_at_a_uri_survives_a_kill_and_the_loss_of_the_local_disk(tmp_path):
+    """--storage file://...: the same code path as s3:// (a local mirror, every file pushed).
+    The driver is killed mid-sweep, the machine's cache is wiped, and the same command on a
+    fresh cache finishes the sweep from what the URI holds: each epoch once, the uninterrupted
+    curves, and at least one trial resumed from a checkpoint it pulled from the URI."""
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
+    remote, first_cache = tmp_path / "bucket" / "run", tmp_path / "cache1"
+    uri = f"file://{remote}"
+    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", uri, "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ABLATE_CACHE": str(first_cache)})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (remote / "curves").exists() and len(list((remote / "curves").glob("*.parquet"))) >= 2 \
+                and 4 <= len(stored(remote)) < 12:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(stored(remote)) < 18, "the sweep finished before the kill"
+    for lock in first_cache.glob("*/trials/*/.lock"):  # the old machine's workers are gone
+        with open(lock) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+    shutil.rmtree(first_cache)
+    fresh = {"ABLATE_CACHE": str(tmp_path / "cache2")}
+    done = ablate("run", sweep, "--storage", uri, "--quiet", env=fresh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves = stored(remote)
+    assert len(curves) == 18 and not curves.duplicated(["key", "epoch"]).any()
+    resumed = []
+    for key, config in load_sweep(sweep).by_key.items():
+        mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
+        ref = reference_curves(config, tmp_path)
+        pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
+                                      ref.drop(columns=TIMING), check_exact=True)
+        assert (remote / "trials" / key / "checkpoint.pt").exists()
+        assert (remote / "trials" / key / "summary.json").exists()
+        log = (remote / "trials" / key / "attempts.log").read_text()
+        resumed += [int(s) for s in re.findall(r"starts at epoch (\d+)", log)[1:]]
+    assert any(s > 0 for s in resumed), "no trial resumed from a checkpoint at the URI"
+    status = ablate("status", uri, env={"ABLATE_CACHE": str(tmp_path / "cache3")})
+    assert status.returncode == 0 and "3 trials: 3 done" in status.stdout, status.stderr
+    again = ablate("run", sweep, "--storage", uri, "--quiet", env=fresh)
+    assert again.returncode == 0 and "0 to run" in again.stderr
+
+
+def test_a_storage_uri_pyarrow_cannot_open_is_refused_in_one_line(tmp_path):
+    done = ablate("run", write_sweep(tmp_path / "s.yaml"), "--storage", "nosuch://bucket/runs")
+    assert done.returncode == 2 and "nosuch://bucket/runs" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+

@@ -66,14 +66,17 @@ def _with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def load_run(root: str | Path) -> Run:
-    """Read a run folder; a clear one-line error if it is not one or holds no curves yet."""
-    root = Path(root)
+def load_run(location: str | Path) -> Run:
+    """Read a run folder (a path, or a URI whose store is pulled first); a clear one-line error
+    if it is not one or holds no curves yet."""
+    from ..store import RunDir
+
+    root = RunDir.open(location).root
     manifest = root / "sweep.json"
     if not manifest.exists():
-        raise AblateError(f"{root}: not an ablate run folder (no sweep.json)")
+        raise AblateError(f"{location}: not an ablate run folder (no sweep.json)")
     if not any((root / "curves").glob("*.parquet")):
-        raise AblateError(f"{root}: no epoch has finished yet (curves/ is empty)")
+        raise AblateError(f"{location}: no epoch has finished yet (curves/ is empty)")
     stored = json.loads(manifest.read_text())
     curves = pd.read_parquet(root / "curves").sort_values(["key", "epoch"]).reset_index(drop=True)
     done = curves.groupby("key").epoch.transform("count") >= curves.epochs

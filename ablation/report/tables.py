@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -160,6 +160,11 @@ def _display(numbers: pd.DataFrame, ids: dict[str, str], metrics: Iterable[str],
     return display.reset_index(drop=True)
 
 
+def _empty(why: str) -> pd.DataFrame:
+    """A table without rows whose note says why (the writers skip it and pass the note on)."""
+    return _display(pd.DataFrame(columns=[*SETTING, "name", "seeds", "complete"]), {}, [], [why])
+
+
 def _mark_running(numbers: pd.DataFrame, column: str) -> pd.DataFrame:
     numbers = numbers.copy()
     numbers[column] = [f"{v}{RUNNING}" if not done else v
@@ -222,8 +227,7 @@ def best_last(run: Run, labels: list[str] | None = None) -> pd.DataFrame:
     """
     trials = per_trial(run)
     if trials.empty:
-        return _display(pd.DataFrame(columns=[*SETTING, "name", "seeds", "complete"]),
-                        {}, [], [])
+        return _empty("the run has no curves")
     wanted = []
     for m in dict.fromkeys(trials.method):
         wanted += [METHOD_NAMES.get(m, m.upper()), *_rat_names(m).values()]
@@ -241,8 +245,7 @@ def awp_compare(run: Run) -> pd.DataFrame:
     """
     trials = per_trial(run)
     if trials.empty or not (trials.intervention == "awp_full").any():
-        return _display(pd.DataFrame(columns=[*SETTING, "name", "seeds", "complete"]),
-                        {}, [], [])
+        return _empty("the run has no AWP (intervention awp_full) trial")
     with_awp = trials[trials.intervention == "awp_full"][SETTING].drop_duplicates()
     trials = trials.merge(with_awp, on=SETTING)
     wanted = []
@@ -267,9 +270,8 @@ def ablation(run: Run, intervention: str = "awp") -> pd.DataFrame:
         raise AblateError(f"no ablation over layers for intervention {intervention!r}; "
                           f"choose from {', '.join(SUBSET_INTERVENTIONS)}")
     trials = per_trial(run)
-    empty = _display(pd.DataFrame(columns=[*SETTING, "name", "seeds", "complete"]), {}, [], [])
     if trials.empty or not (trials.intervention == intervention).any():
-        return empty
+        return _empty(f"the run has no {intervention} trial")
     settings = trials[trials.intervention == intervention][SETTING].drop_duplicates()
     trials = trials.merge(settings, on=SETTING)
     rank = {s: i + 1 for i, s in enumerate(SUBSETS)}
@@ -385,8 +387,9 @@ def effects(run: Run, response: str = "diff") -> pd.DataFrame:
             fit = fit_effects(subsets, data[column].to_numpy())
             where = f"{'/'.join(map(str, setting))} {iv}"
             if fit is None:
-                notes.append(f"{where}: skipped, {len(set(subsets))} of 16 cells do not "
-                             f"identify the main-effect + two-way model.")
+                notes.append(f"{where}: skipped; {len(set(subsets))} of the 16 layer subsets "
+                             f"(baseline included) were run, too few to estimate 4 main "
+                             f"effects and 6 interactions.")
                 continue
             df = int(fit.df.iloc[0])
             seeds = int(data.groupby([data.intervention, data.layers]).size().max())
@@ -547,9 +550,10 @@ def check_names(names: Iterable[str]) -> list[str]:
     return names
 
 
-def write_tables(run: Run, names: Iterable[str], out: Path,
-                 settings: Iterable[str] = ()) -> list[Path]:
-    """Write each named table (``TABLES``) under ``out``; tables with no data are skipped.
+def write_tables(run: Run, names: Iterable[str], out: Path, settings: Iterable[str] = (),
+                 warn: Callable[[str], None] = lambda message: None) -> list[Path]:
+    """Write each named table (``TABLES``) under ``out``; a table with no data is skipped and
+    ``warn`` is told why in one line.
 
     ``settings`` are extra rows for ``best-last`` by label (``AT_awp_[4]``, ``AWP``, ...).
 
@@ -582,6 +586,8 @@ def write_tables(run: Run, names: Iterable[str], out: Path,
     paths: list[Path] = []
     for stem, frame, caption in jobs:
         if frame.empty:
+            why = " ".join(frame.attrs.get("notes", [])) or "no trials for it"
+            warn(f"no {stem} table: {why}")
             continue
         paths += write_table(frame, out, stem, caption)
     return paths

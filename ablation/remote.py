@@ -1,0 +1,112 @@
+"""Run folders in object storage (``s3://``, ``gs://``, any URI pyarrow.fs opens).
+
+A run folder at a URI is worked on through a local mirror: the driver and each worker node read
+and write files in a folder under the cache (``$ABLATE_CACHE``, default ``~/.cache/ablate``) and
+push every file they finish to the URI, which stays the one durable copy. A new machine, or the
+same one after its disk was wiped, pulls what it needs from the URI and goes on.
+
+Objects are written whole (an S3 PUT is atomic: a reader sees the old object or the new one), so
+a crash never leaves a torn file at the URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from .errors import AblateError, ConfigError
+from .io import atomic_path
+
+CHUNK = 8 << 20
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def mirror_dir(uri: str) -> Path:
+    """This machine's working copy of the run folder at ``uri``."""
+    cache = Path(os.environ.get("ABLATE_CACHE", "~/.cache/ablate")).expanduser()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", uri.split("?")[0].split("://", 1)[1]).strip("_")
+    return cache / f"{slug[-60:]}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
+
+
+class Remote:
+    """The files of one run folder at a URI, addressed by paths relative to the folder."""
+
+    def __init__(self, uri: str):
+        from pyarrow import fs
+
+        self.uri = uri
+        try:
+            self.fs, self.base = fs.FileSystem.from_uri(uri)
+        except Exception as err:  # pyarrow raises several types for a bad URI
+            raise ConfigError(f"storage {uri!r}: {str(err).splitlines()[0]}") from None
+        self.base = self.base.rstrip("/")
+
+    def _path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def _fail(self, what: str, rel: str, err: Exception) -> AblateError:
+        return AblateError(f"{self.uri}: cannot {what} {rel or '.'}: {str(err).splitlines()[0]}")
+
+    def upload(self, local: Path, rel: str) -> None:
+        """Copy a local file to ``rel``, replacing the object there in one step: an object
+        store's PUT is atomic; elsewhere (file://, mounted folders) a temporary file beside the
+        target is renamed over it."""
+        whole = self.fs.type_name in ("s3", "gcs")
+        target = self._path(rel)
+        folder, name = target.rsplit("/", 1)
+        written = target if whole else f"{folder}/.{name}.{os.getpid()}.tmp"
+        try:
+            if not whole:
+                self.fs.create_dir(folder, recursive=True)
+            with open(local, "rb") as src, self.fs.open_output_stream(written) as dst:
+                while block := src.read(CHUNK):
+                    dst.write(block)
+            if not whole:
+                self.fs.move(written, target)
+        except OSError as err:
+            raise self._fail("write", rel, err) from None
+
+    def download(self, rel: str, local: Path) -> bool:
+        """Copy ``rel`` to a local file (atomically); False if there is no such object."""
+        from pyarrow import fs
+
+        try:
+            if self.fs.get_file_info(self._path(rel)).type != fs.FileType.File:
+                return False
+            with atomic_path(local) as tmp, open(tmp, "wb") as dst, \
+                    self.fs.open_input_stream(self._path(rel)) as src:
+                while block := src.read(CHUNK):
+                    dst.write(block)
+        except OSError as err:
+            raise self._fail("read", rel, err) from None
+        return True
+
+    def files(self, rel: str = "") -> list[str]:
+        """Every file under ``rel`` (but temporary dot-files), relative to the run folder."""
+        from pyarrow import fs
+
+        try:
+            infos = self.fs.get_file_info(fs.FileSelector(self._path(rel), allow_not_found=True,
+                                                          recursive=True))
+        except OSError as err:
+            raise self._fail("list", rel, err) from None
+        return [i.path[len(self.base) + 1:] for i in infos
+                if i.type == fs.FileType.File and not i.base_name.startswith(".")]
+
+    def delete(self, rel: str) -> None:
+        """Remove the file or folder ``rel``, if there is one."""
+        from pyarrow import fs
+
+        try:
+            kind = self.fs.get_file_info(self._path(rel)).type
+            if kind == fs.FileType.Directory:
+                self.fs.delete_dir(self._path(rel))
+            elif kind == fs.FileType.File:
+                self.fs.delete_file(self._path(rel))
+        except OSError as err:
+            raise self._fail("delete", rel, err) from None

@@ -1,0 +1,95 @@
+"""Run folders at a URI, against a real S3 protocol server (moto) through pyarrow's S3 client."""
+
+import pandas as pd
+import pytest
+from conftest import run_sweep_in_process, tiny_trial
+
+from ablation.errors import AblateError
+from ablation.evaluate import evaluate_run
+from ablation.remote import Remote
+from ablation.report import load_run
+from ablation.store import RunDir, status_table
+
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch, tmp_path):
+    """An empty bucket; returns a function giving the URI of a folder in it."""
+    from pyarrow import fs
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    name = f"b{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    fs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                    allow_bucket_creation=True).create_dir(name)
+    return lambda folder: (f"s3://{name}/{folder}?endpoint_override={endpoint}&scheme=http"
+                           f"&region=us-east-1")
+
+
+def use_cache(monkeypatch, path):
+    """Stand for another machine: a run folder's mirror lives under ABLATE_CACHE."""
+    monkeypatch.setenv("ABLATE_CACHE", str(path))
+
+
+def test_files_round_trip_and_are_replaced_whole(bucket, tmp_path):
+    remote = Remote(bucket("runs/x"))
+    (tmp_path / "a.json").write_text("first")
+    remote.upload(tmp_path / "a.json", "trials/k/a.json")
+    (tmp_path / "a.json").write_text("second, longer")
+    remote.upload(tmp_path / "a.json", "trials/k/a.json")
+    assert remote.files() == ["trials/k/a.json"]
+    assert remote.download("trials/k/a.json", tmp_path / "back.json")
+    assert (tmp_path / "back.json").read_text() == "second, longer"
+    assert not remote.download("trials/k/none.json", tmp_path / "none.json")
+    remote.delete("trials/k")
+    assert remote.files() == []
+
+
+def test_a_run_written_to_s3_is_read_resumed_and_evaluated_from_other_machines(
+        bucket, monkeypatch, tmp_path):
+    uri = bucket("runs/small")
+    sweep = {"name": "small", "base": tiny_trial(epochs=2, width=2, train_steps=1, test_steps=2),
+             "grid": {"intervention": ["fix_lr"], "layers": [[3, 4]]},
+             "baselines": {"AT": {"intervention": "none"}}}
+    use_cache(monkeypatch, tmp_path / "writer")
+    mirror = run_sweep_in_process(sweep, uri, stop_after={0: 1})  # trial 0 stops after 1 epoch
+    written = pd.read_parquet(mirror / "curves")
+
+    use_cache(monkeypatch, tmp_path / "reader")  # a machine that has never seen the run
+    run = load_run(uri)
+    assert run.root != mirror and run.partial
+    pd.testing.assert_frame_equal(run.curves[written.columns].sort_values(["key", "epoch"])
+                                  .reset_index(drop=True),
+                                  written.sort_values(["key", "epoch"]).reset_index(drop=True))
+    states = dict(status_table(RunDir.open(uri))[0][["key", "state"]].values)
+    assert sorted(states.values()) == ["done", "pending"]
+
+    use_cache(monkeypatch, tmp_path / "evaluator")  # pulls the finished trial's checkpoint
+    (key,) = evaluate_run(uri, 8, echo=lambda message: None)
+    assert states[key] == "done"
+
+    use_cache(monkeypatch, tmp_path / "reader2")
+    summary = RunDir.open(uri).summaries().set_index("key")
+    assert summary.loc[key, "autoattack_n"] == 8  # the numbers reached the bucket
+    assert 0 <= summary.loc[key, "best_autoattack_acc"] <= 1
+
+
+def test_a_bucket_that_does_not_exist_gives_one_line_errors(bucket):
+    uri = bucket("x").replace("s3://b", "s3://missing-b", 1)
+    run = RunDir.open(uri)  # nothing to pull
+    with pytest.raises(AblateError, match="not an ablate run folder"):
+        run.trials()
+    with pytest.raises(AblateError, match="missing-b") as error:
+        run.write_states({})  # the first write names the URI and the reason
+    assert "\n" not in str(error.value) and "state.json" in str(error.value)
