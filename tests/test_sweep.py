@@ -95,21 +95,26 @@ def check_report_of_a_ray_run(run, curves):
     assert table.loc["RAT_LR", "pgd_last"] == pytest.approx(100 * mine.iloc[-1])
 
 
-def test_sigkill_of_the_driver_then_the_same_command_loses_and_repeats_nothing(tmp_path):
-    sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", str(run), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_mid_sweep(sweep, folder, storage, env=None):
+    """Start `ablate run` on the 3-trial x 6-epoch sweep and SIGKILL the driver once ``folder``
+    holds curves of two trials and 4 to 11 of the 18 epochs."""
+    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", storage, "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 180
     while time.time() < deadline:
-        if (run / "curves").exists() and len(list((run / "curves").glob("*.parquet"))) >= 2 \
-                and 4 <= len(stored(run)) < 12:
+        if len(list((folder / "curves").glob("*.parquet"))) >= 2 and 4 <= len(stored(folder)) < 12:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = len(stored(run))
-    assert before < 18, "the sweep finished before the kill"
+    assert len(stored(folder)) < 18, "the sweep finished before the kill"
+
+
+def test_sigkill_of_the_driver_then_the_same_command_loses_and_repeats_nothing(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
+    run = tmp_path / "run"
+    kill_mid_sweep(sweep, run, str(run))
     done = ablate("run", sweep, "--storage", run, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     curves = stored(run)
@@ -230,18 +235,7 @@ def test_a_sweep_at_a_uri_survives_a_kill_and_the_loss_of_the_local_disk(tmp_pat
     sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
     remote, first_cache = tmp_path / "bucket" / "run", tmp_path / "cache1"
     uri = f"file://{remote}"
-    cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", uri, "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ABLATE_CACHE": str(first_cache)})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if (remote / "curves").exists() and len(list((remote / "curves").glob("*.parquet"))) >= 2 \
-                and 4 <= len(stored(remote)) < 12:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(stored(remote)) < 18, "the sweep finished before the kill"
+    kill_mid_sweep(sweep, remote, uri, {"ABLATE_CACHE": str(first_cache)})
     for lock in first_cache.glob("*/trials/*/.lock"):  # the old machine's workers are gone
         with open(lock) as held:
             fcntl.flock(held, fcntl.LOCK_EX)
