@@ -120,10 +120,10 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
     errored = [k for k, s in states.items() if s != "done"]
     if errored:
         raise RunFailed(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); see "
-                        f"{folder.location}/trials/<key>/error.txt, then run the same command "
+                        f"{folder.where('trials/<key>/error.txt')}, then run the same command "
                         "again to retry them")
     click.echo(f"{spec.name}: all {len(spec.trials)} trials done; curves in "
-               f"{folder.location}/curves")
+               f"{folder.where('curves')}")
 
 
 @cli.command()

@@ -68,6 +68,13 @@ class RunDir:
         """Where the run folder lives, as the user named it (path or URI)."""
         return self.remote.uri if self.remote else str(self.root)
 
+    def where(self, rel: str) -> str:
+        """How to name a file or folder of the run to the user (a URI keeps its query last)."""
+        if not self.remote:
+            return str(self.root / rel)
+        base, _, query = self.remote.uri.partition("?")
+        return f"{base.rstrip('/')}/{rel}" + (f"?{query}" if query else "")
+
     def pull(self) -> None:
         """Make the mirror's store (not the checkpoints) what the URI holds now."""
         if not self.remote:
