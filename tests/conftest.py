@@ -181,3 +181,13 @@ def tiny_study(epochs: int = 3) -> dict:
 def study_run(tmp_path_factory) -> Path:
     """A finished 47-trial run folder of tiny_study (built once per test session)."""
     return run_sweep_in_process(tiny_study(), tmp_path_factory.mktemp("study") / "tiny_study")
+
+
+@pytest.fixture(scope="session")
+def seeds_run(tmp_path_factory) -> Path:
+    """AT and fix_lr on [3, 4] with seeds 0, 1, 2; 2 epochs (a few seconds)."""
+    base = tiny_trial(epochs=2, width=2, train_steps=1, test_steps=2, train_eval_size=32)
+    sweep = {"name": "seeds", "base": base,
+             "grid": {"intervention": ["fix_lr"], "layers": [[3, 4]], "seed": [0, 1, 2]},
+             "baselines": {"AT": {"intervention": "none"}}}
+    return run_sweep_in_process(sweep, tmp_path_factory.mktemp("seeds") / "seeds")

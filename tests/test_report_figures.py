@@ -101,6 +101,23 @@ def test_heatmap_cells_are_best_and_last_minus_best_from_the_parquet(run, study_
     assert "overfitting" in fig.axes[1].get_ylabel()  # the colourbar
 
 
+def test_seeds_are_drawn_as_their_mean_with_a_min_max_band(seeds_run):
+    seeds = load_run(seeds_run)
+    (_, fig), = intervention_grid(seeds, "fix_lr")
+    panel = fig.axes[2]  # [2, 3] [2, 4] [3, 4]
+    rows = seeds.curves[seeds.curves.label == "AT_fix_lr_[3, 4]"]
+    per_epoch = rows.groupby("epoch").test_robust_acc
+    np.testing.assert_allclose(line(panel, "AT_fix_lr_[3, 4]").get_ydata(),
+                               100 * per_epoch.mean().to_numpy())
+    bands = [c for c in panel.collections if len(c.get_paths())]
+    assert len(bands) == 2  # the baseline's and the setting's
+    ys = np.concatenate([p.vertices[:, 1] for c in bands for p in c.get_paths()])
+    # the bands span exactly the seeds' extremes of both settings (baseline and fix_lr)
+    assert np.isclose(ys.max(), 100 * seeds.curves.test_robust_acc.max())
+    assert np.isclose(ys.min(), 100 * seeds.curves.test_robust_acc.min())
+    assert per_epoch.max().gt(per_epoch.min()).any()  # the seeds differ: a band, not a line
+
+
 def test_heatmap_marks_missing_cells(run):
     fewer = replace(run, curves=run.curves[run.curves.label != "AT_awp_[1, 3]"])
     (_, fig), = heatmap(fewer)

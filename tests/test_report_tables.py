@@ -121,16 +121,6 @@ def test_autoattack_for_some_trials(study_run: Path, tmp_path: Path) -> None:
     assert (table.loc[["RAT_LR", "RAT_WP"], ["AA Best", "AA Last", "AA Diff"]] == "–").all().all()
 
 
-@pytest.fixture(scope="module")
-def seeds_run(tmp_path_factory) -> Path:
-    """AT and fix_lr on [3, 4] with seeds 0, 1, 2; 2 epochs (a few seconds)."""
-    base = tiny_trial(epochs=2, width=2, train_steps=1, test_steps=2, train_eval_size=32)
-    sweep = {"name": "seeds", "base": base,
-             "grid": {"intervention": ["fix_lr"], "layers": [[3, 4]], "seed": [0, 1, 2]},
-             "baselines": {"AT": {"intervention": "none"}}}
-    return run_sweep_in_process(sweep, tmp_path_factory.mktemp("seeds") / "seeds")
-
-
 def test_seeds_mean_std(seeds_run: Path) -> None:
     curves = pd.read_parquet(seeds_run / "curves")
     table = best_last(load_run(seeds_run)).set_index("Method")

@@ -138,7 +138,8 @@ def _draw(ax, curve: Curve, colour: str, linestyle: str = "-", legend: str | Non
             linestyle=linestyle if curve.complete else ":",
             label=curve.legend if legend is None else legend)
     if curve.seeds > 1:
-        ax.fill_between(curve.x, curve.lo, curve.hi, color=colour, alpha=0.18, linewidth=0)
+        alpha = 0.1 if colour == BASELINE_COLOUR else 0.18  # grey must not hide the others
+        ax.fill_between(curve.x, curve.lo, curve.hi, color=colour, alpha=alpha, linewidth=0)
 
 
 def _title(text: str, partial: bool) -> str:
@@ -193,7 +194,9 @@ def intervention_grid(run: Run, intervention: str,
                 ax.legend(loc="best", framealpha=0.85)
         axes[0].set_ylabel(metric_name(metric))
         partial = not chosen.complete.all() or not rows[rows.intervention == "none"].complete.all()
-        fig.suptitle(_title(f"{_setting_title(values)} · {intervention}", partial))
+        seeds = max(c.seeds for c in [*curves.values(), *baseline.values()])
+        spread = f" · mean of {seeds} seeds, band: min–max" if seeds > 1 else ""
+        fig.suptitle(_title(f"{_setting_title(values)} · {intervention}{spread}", partial))
         suffix = "" if metric == "test_robust_acc" else metric
         figures.append((_stem(intervention, values, suffix), fig))
     return figures
