@@ -64,7 +64,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int,
 
     One restart and no early stop, as in training and per-epoch evaluation (B §2). Rice's code runs
     one more forward pass after the last step to compare restarts; with one restart it only moves
-    BN running statistics, so it is left out.
+    BN running statistics, so the training method runs it where that matters (``methods.AT``).
     """
     delta = random_start(x, threat) if delta is None else delta.clone()
     for _ in range(steps):
@@ -87,21 +87,31 @@ def trades_kl(logits_adv: Tensor, logits_nat: Tensor, reduction: str = "batchmea
 
 
 def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
-                  x_adv: Tensor | None = None) -> Tensor:
-    """TRADES inner maximisation of the summed KL, from ``x_adv`` or x + 0.001*N(0,1) (B §6)."""
+                  start: Tensor | None = None) -> Tensor:
+    """TRADES inner maximisation of the summed KL from x + ``start`` (default 0.001*N(0,1), B §6).
+
+    Linf iterates on x_adv: sign step, clip to the ball, clip to [0,1]. L2 iterates on the
+    perturbation, as the authors' code does: a step along the gradient divided by its norm (no
+    epsilon; an exact zero gradient steps nowhere instead of giving NaN), clip x + delta to
+    [0,1], then ``torch.renorm`` into the ball. Returns x_adv.
+    """
     with torch.no_grad():
         logits_nat = model(x)
-    x_adv = (x + 0.001 * torch.randn_like(x) if x_adv is None else x_adv).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad = input_gradient(trades_kl(model(x_adv), logits_nat, reduction="sum"), x_adv)
-        x_adv = x_adv.detach()
-        if threat.norm == "linf":
-            x_adv = x_adv + threat.step * grad.sign()
+    delta = (0.001 * torch.randn_like(x) if start is None else start).detach()
+    if threat.norm == "linf":
+        x_adv = x + delta
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            grad = input_gradient(trades_kl(model(x_adv), logits_nat, reduction="sum"), x_adv)
+            x_adv = x_adv.detach() + threat.step * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - threat.eps), x + threat.eps).clamp(0, 1)
-        else:
-            # TRADES' L2 branch: normalised ascent step, box clip, then back into the ball.
-            delta = x_adv + threat.step * grad / (_per_sample_norm(grad) + 1e-10) - x
-            delta = (x + delta).clamp(0, 1) - x
-            x_adv = x + _into_l2_ball(delta, threat.eps)
-    return x_adv.detach()
+        return x_adv.detach()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad = input_gradient(trades_kl(model(x + delta), logits_nat, reduction="sum"), delta)
+        norm = _per_sample_norm(grad)
+        # add(alpha=) is the kernel of the authors' SGD step on delta, so the rounding matches
+        delta = delta.detach().add(grad / torch.where(norm == 0, 1, norm), alpha=threat.step)
+        delta = (delta + x).clamp(0, 1) - x
+        delta = delta.renorm(p=2, dim=0, maxnorm=threat.eps)
+    return (x + delta).detach()

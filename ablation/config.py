@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
+from . import layers as layer_groups
 from .errors import ConfigError
+from .layers import LAYER_WISE
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
 MODELS = ("preact18", "preact34", "wrn34_10", "vgg16", "dpn26", "dla", "preact_small")
 METHODS = ("at", "trades")
 THREATS = ("linf", "l2")
-INTERVENTIONS = ("none", "fix_param", "fix_lr", "awp", "awp_full")
-LAYER_WISE = ("fix_param", "fix_lr", "awp")  # interventions that take a layer subset
+INTERVENTIONS = ("none", *LAYER_WISE, "awp_full")
 PRECISIONS = ("fp32", "bf16")
 LR_UPDATES = ("iteration", "epoch")
 MODEL_MODES = ("train", "eval")
@@ -51,6 +52,7 @@ class TrialConfig:
     train_steps: int = 10
     test_steps: int = 20
     train_attack_mode: str | None = None  # AT attacks in train mode (Rice), TRADES in eval (A.1, A.6)
+    log_pass_mode: str | None = None  # the clean logging pass after each step: AT train, TRADES eval (C.2)
     trades_beta: float = 6.0
     normalize: bool | None = None  # per-channel mean/std inside the model; TRADES code uses none (B §1.2)
     intervention: str = "none"
@@ -82,7 +84,7 @@ class TrialConfig:
         ``cifar10-linf-preact18-at-fix_lr-34-s0-1a2b3c4d``."""
         parts = [self.dataset, self.threat, self.model, self.method, self.intervention]
         if self.layers:
-            parts.append("".join(map(str, self.layers)))
+            parts.append("".join(map(str, self.layers)))  # "34": a key has no commas
         digest = hashlib.sha256(
             json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return "-".join([*parts, f"s{self.seed}", digest])
@@ -93,7 +95,8 @@ class TrialConfig:
 
     def columns(self) -> dict[str, Any]:
         """The key and every identifying field as flat table values (lists joined by commas)."""
-        flat = {k: ",".join(map(str, v)) if isinstance(v, list) else v
+        flat = {k: layer_groups.to_column(v) if k == "layers"
+                else ",".join(map(str, v)) if isinstance(v, list) else v
                 for k, v in self.identity().items()}
         return {"key": self.key, **flat}
 
@@ -201,6 +204,7 @@ def _paper_defaults(c: TrialConfig) -> dict[str, Any]:
         "eps": eps,
         "step": step,
         "train_attack_mode": "eval" if trades else "train",
+        "log_pass_mode": "eval" if trades else "train",
         "normalize": not trades,
         "awp_gamma": gamma,
         "awp_warmup": warmup,
@@ -223,16 +227,15 @@ def _validate(c: TrialConfig) -> None:
     _choice("precision", c.precision, PRECISIONS)
     _choice("lr_update", c.lr_update, LR_UPDATES)
     _choice("train_attack_mode", c.train_attack_mode, MODEL_MODES)
+    _choice("log_pass_mode", c.log_pass_mode, MODEL_MODES)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
         raise ConfigError(f"key 'device': {c.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if c.intervention in LAYER_WISE:
         if not c.layers:
             raise ConfigError(f"key 'layers': intervention {c.intervention!r} needs a non-empty "
-                              "subset of [1, 2, 3, 4]")
-        if any(l not in (1, 2, 3, 4) for l in c.layers) or len(set(c.layers)) != len(c.layers):
-            raise ConfigError(f"key 'layers': {list(c.layers)} is not a subset of [1, 2, 3, 4] "
-                              "without repeats")
-        object.__setattr__(c, "layers", tuple(sorted(c.layers)))  # one spelling, one key
+                              f"subset of {list(layer_groups.GROUPS)}")
+        # one spelling, one key: a sorted tuple
+        object.__setattr__(c, "layers", layer_groups.parse(c.layers, "key 'layers'"))
     elif c.layers:
         raise ConfigError(f"key 'layers': intervention {c.intervention!r} takes no layer subset "
                           f"(got {list(c.layers)}); use [] or leave it out")

@@ -18,12 +18,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LAYER_WISE, TrialConfig, from_dict, read_yaml
+from . import layers
+from .config import TrialConfig, from_dict, read_yaml
 from .errors import ConfigError
-
-# The paper's figure order: singletons, pairs, triples, then all four (itertools' order by size).
-ALL_SUBSETS: tuple[tuple[int, ...], ...] = tuple(
-    subset for size in range(1, 5) for subset in itertools.combinations((1, 2, 3, 4), size))
+from .layers import LAYER_WISE
 
 TOP_LEVEL = ("name", "description", "autoattack", "base", "grid", "baselines", "overrides")
 TRIAL_FIELDS = tuple(f.name for f in fields(TrialConfig))
@@ -153,20 +151,15 @@ def _axes(grid: Any, source: str) -> dict[str, list[Any]]:
     return axes
 
 
-def _layer_axis(values: Any, source: str) -> list[list[int]]:
-    """``all`` or an explicit list of subsets. Order within a subset is kept as written, so
-    [3, 4] and [4, 3] reach the duplicate-key check instead of vanishing silently."""
+def _layer_axis(values: Any, source: str) -> list[layers.Subset]:
+    """``all`` (the 15 subsets in the paper's order) or an explicit list of subsets. [3, 4] and
+    [4, 3] are one subset: written twice, they reach the duplicate-key check."""
     if values == "all":
-        return [list(s) for s in ALL_SUBSETS]
+        return list(layers.ALL_SUBSETS)
     if not isinstance(values, list) or not all(isinstance(s, list) for s in values):
         raise ConfigError(f"{source}: grid: key 'layers' must be 'all' or a list of subsets "
                           f"such as [[3, 4], [4]], got {values!r}")
-    for subset in values:
-        if (not subset or any(type(l) is not int or l not in (1, 2, 3, 4) for l in subset)
-                or len(set(subset)) != len(subset)):
-            raise ConfigError(f"{source}: grid: key 'layers': {subset!r} is not a non-empty "
-                              "subset of [1, 2, 3, 4] without repeats")
-    return values
+    return [layers.parse(subset, f"{source}: grid: key 'layers'") for subset in values]
 
 
 def _baselines(value: Any, source: str) -> dict[str, dict[str, Any]]:

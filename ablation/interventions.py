@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
-from .methods import Method
+from .methods import METHODS, Method
 from .models import group_names
 
 
@@ -70,13 +70,13 @@ class FixLR(Intervention):
 class AWP(Intervention):
     """Adversarial weight perturbation (Wu et al. 2020) on the chosen tensors (A.5, B §4).
 
-    A proxy copy takes one SGD step (lr 0.01) up the method's loss; for every perturbed weight w the
-    step's direction d is rescaled to v = ||w|| d / ||d|| and w += gamma*v before the training step,
-    w -= gamma*v after it. Only weights with more than one dimension are perturbed. Layer-wise AWP
-    perturbs the chosen groups; ``full=True`` perturbs every such weight, stem and classifier too.
+    A proxy copy takes one SGD step up the method's loss (lr: the method's ``awp_proxy_lr``); for
+    every perturbed weight w the step's direction d is rescaled to v = ||w|| / ||d|| * d and
+    w += gamma*v before the training step, w -= gamma*v after it. Only weights with more than one
+    dimension are perturbed. Layer-wise AWP perturbs the chosen groups; ``full=True`` perturbs
+    every such weight, stem and classifier too. AWP is on from the epoch the method's authors
+    number ``awp_warmup`` (their AT scripts count from 0, their TRADES scripts from 1).
     """
-
-    PROXY_LR = 0.01  # cancels in d/||d||; kept at the authors' value for identical rounding
 
     def __init__(self, model, config, full: bool = False):
         super().__init__(model, config)
@@ -84,7 +84,8 @@ class AWP(Intervention):
         chosen = params if full else self.names
         self.perturbed = [n for n in chosen if params[n].dim() > 1]
         self.gamma = config.awp_gamma
-        self.warmup = config.awp_warmup
+        method = METHODS[config.method]
+        self.first_active_epoch = config.awp_warmup - method.first_epoch  # 0-based
         self.proxy = copy.deepcopy(model)
         proxy_params = dict(self.proxy.named_parameters())
         keep = set(self.perturbed)
@@ -92,11 +93,19 @@ class AWP(Intervention):
             p.requires_grad_(name in keep)  # the other weights' gradients would be thrown away
         self.proxy_params = [proxy_params[n] for n in self.perturbed]
         self.params = [params[n] for n in self.perturbed]
-        self.proxy_opt = torch.optim.SGD(self.proxy_params, lr=self.PROXY_LR)
+        self.proxy_opt = torch.optim.SGD(self.proxy_params, lr=method.awp_proxy_lr)
         self.v: list[Tensor] | None = None
 
+    def active(self, epoch: int) -> bool:
+        """Whether the 0-based ``epoch`` trains with the perturbation."""
+        return self.gamma > 0 and epoch >= self.first_active_epoch
+
     def perturbation(self, method: Method, x: Tensor, x_adv: Tensor, y: Tensor) -> list[Tensor]:
-        """gamma * v for each perturbed tensor, from one ascent step of the proxy."""
+        """v = ||w|| / ||d|| * d for each perturbed tensor, from one ascent step of the proxy.
+
+        The operations run in the authors' order (``diff_in_weights`` of their utils_awp.py), so
+        the result matches theirs bit for bit, not only to rounding.
+        """
         self.proxy.load_state_dict(self.model.state_dict())
         self.proxy.train()
         self.proxy_opt.zero_grad(set_to_none=True)
@@ -104,23 +113,22 @@ class AWP(Intervention):
         self.proxy_opt.step()
         with torch.no_grad():
             diffs = [q - w for q, w in zip(self.proxy_params, self.params)]
-            return [self.gamma * w.norm() * d / (d.norm() + 1e-20)
-                    for w, d in zip(self.params, diffs)]
+            return [w.norm() / (d.norm() + 1e-20) * d for w, d in zip(self.params, diffs)]
 
     def before_step(self, epoch, method, x, x_adv, y):
-        if self.gamma <= 0 or epoch < self.warmup:
+        if not self.active(epoch):
             return
         self.v = self.perturbation(method, x, x_adv, y)
         with torch.no_grad():
             for w, v in zip(self.params, self.v):
-                w.add_(v)
+                w.add_(self.gamma * v)
 
     def after_step(self):
         if self.v is None:
             return
         with torch.no_grad():
             for w, v in zip(self.params, self.v):
-                w.sub_(v)
+                w.add_(-self.gamma * v)
         self.v = None
 
     def state_dict(self):

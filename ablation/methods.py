@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -11,7 +12,15 @@ from .config import TrialConfig
 
 class Method:
     """A training objective: ``attack`` makes the training batch, ``loss`` is minimised, and
-    ``proxy_loss`` is the objective AWP ascends on its proxy network (METHOD B §4.1, §4.2)."""
+    ``proxy_loss`` is the objective AWP ascends on its proxy network (METHOD B §4.1, §4.2).
+
+    Two constants follow the authors' script for the method: ``first_epoch`` is the number that
+    script gives its first epoch (AWP's warm-up is compared against it), ``awp_proxy_lr`` the
+    learning rate of AWP's proxy step (it cancels in AWP's d/||d|| but sets the rounding).
+    """
+
+    first_epoch = 0
+    awp_proxy_lr = 0.01
 
     def __init__(self, config: TrialConfig):
         self.threat = ThreatModel(config.threat, config.eps, config.step)
@@ -37,10 +46,20 @@ class Method:
 
 
 class AT(Method):
-    """PGD adversarial training (Madry et al., as run by Rice et al.): CE on PGD examples."""
+    """PGD adversarial training (Madry et al., as run by Rice et al.): CE on PGD examples.
+
+    The AT-AWP scripts count epochs from 0 and give the proxy SGD lr 0.01 (B §4.1).
+    """
 
     def _attack(self, model, x, y):
-        return pgd(model, x, y, self.threat, self.steps)
+        x_adv = pgd(model, x, y, self.threat, self.steps)
+        if model.training:
+            # Rice's attack_pgd ends with one more forward at the final point to pick the best
+            # restart; with one restart the pick is moot, but in train mode that pass moves BN's
+            # running statistics, so it runs here too (B §2).
+            with torch.no_grad():
+                model(x_adv)
+        return x_adv
 
     def loss(self, model, x, x_adv, y):
         logits_adv = model(x_adv)
@@ -51,22 +70,31 @@ class AT(Method):
 
 
 class TRADES(Method):
-    """TRADES: CE on clean inputs + beta * KL(clean || adversarial) (METHOD B §6)."""
+    """TRADES: CE on clean inputs + beta * KL(clean || adversarial) (METHOD B §6).
+
+    The TRADES-AWP scripts count epochs from 1 (so a warm-up of 10 turns AWP on in the 0-based
+    epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2).
+    """
+
+    first_epoch = 1
+    awp_proxy_lr = 0.1
 
     def _attack(self, model, x, y):
         return trades_attack(model, x, self.threat, self.steps)
 
     def loss(self, model, x, x_adv, y):
-        # The authors' code runs model(x) twice (once for CE, once as the KL target); one pass gives
-        # the same gradient and differs only in how often BN's running statistics see the batch.
-        logits_nat = model(x)
+        # The authors' three train-mode passes, in their order: x_adv, x as the KL target, x again
+        # for the CE. One clean pass would give the same gradient, but BN's running statistics
+        # would see the clean batch once instead of twice, and the next batch's eval-mode attack
+        # reads those statistics (B §6).
         logits_adv = model(x_adv)
-        loss = F.cross_entropy(logits_nat, y) + self.beta * trades_kl(logits_adv, logits_nat)
-        return loss, logits_adv
+        kl = trades_kl(logits_adv, model(x))
+        return F.cross_entropy(model(x), y) + self.beta * kl, logits_adv
 
     def proxy_loss(self, proxy, x, x_adv, y):
-        logits_nat = proxy(x)
-        return F.cross_entropy(logits_nat, y) + self.beta * trades_kl(proxy(x_adv), logits_nat)
+        # The TRADES-AWP proxy's passes in the authors' order: x for the CE, x_adv, x as KL target.
+        ce = F.cross_entropy(proxy(x), y)
+        return ce + self.beta * trades_kl(proxy(x_adv), proxy(x))
 
 
 METHODS: dict[str, type[Method]] = {"at": AT, "trades": TRADES}

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .attacks import ThreatModel, pgd
 from .config import TrialConfig
-from .data import augment, load_data
+from .data import Data, augment, load_data
 from .errors import ConfigError, TrainingDiverged
 from .evaluate import autoattack_accuracy
 from .interventions import build_intervention
@@ -117,13 +117,16 @@ def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
 class Trainer:
     """One trial: data and model on the device, the method, the intervention and the optimizer."""
 
-    def __init__(self, config: TrialConfig, workdir: str | Path):
+    def __init__(self, config: TrialConfig, workdir: str | Path, data: Data | None = None):
+        """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images)."""
         self.config = config
         self.workdir = Path(workdir).resolve()  # Ray may change the working directory
         self.checkpoint_path = self.workdir / CHECKPOINT
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
-        self.data = load_data(config.dataset, config.data_root, config.download).to(self.device)
+        if data is None:
+            data = load_data(config.dataset, config.data_root, config.download)
+        self.data = data.to(self.device)
         info = self.data.info
         self.model = build_model(
             config.model, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -183,7 +186,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, float]:
         """One pass over the shuffled, augmented training set; running train metrics (A.8)."""
-        cfg, model, opt = self.config, self.model, self.optimizer
+        cfg, opt = self.config, self.optimizer
         start = time.perf_counter()
         n = len(self.data.train_y)
         batches = math.ceil(n / cfg.batch_size)  # no drop_last: the last batch is smaller (B §1.1)
@@ -197,23 +200,10 @@ class Trainer:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x = augment(self._batch(self.data.train_x[idx]), cfg.dataset)
             y = self.data.train_y[idx]
-            with self._autocast():
-                x_adv = self.method.attack(model, x, y)
-                model.train()
-                self.intervention.before_step(epoch, self.method, x, x_adv, y)
-                loss, logits_adv = self.method.loss(model, x, x_adv, y)
+            loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"trial {cfg.key}: training loss became {loss.item()} at "
                                        f"epoch {epoch}, batch {i} (lr {lr:g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            self.intervention.after_step()
-            # Clean running metrics from an eval-mode pass after the step, so that logging does not
-            # move BN statistics (Rice's logging pass runs in train mode, METHOD B §3.2 step 5).
-            model.eval()
-            with torch.no_grad(), self._autocast():
-                logits_nat = model(x)
             sums += torch.stack([
                 F.cross_entropy(logits_adv.detach().float(), y, reduction="sum"),
                 (logits_adv.argmax(1) == y).sum(),
@@ -227,6 +217,35 @@ class Trainer:
                 "train_loss": clean_loss, "train_acc": clean_acc,
                 "train_robust_loss": robust_loss, "train_robust_acc": robust_acc,
                 "train_seconds": time.perf_counter() - start}
+
+    def train_step(self, epoch: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Attack, update and log one batch (B §3.2); returns (loss, logits on x_adv, logits on x).
+
+        The optimizer's learning rates must already be set for this batch.
+        """
+        model, opt = self.model, self.optimizer
+        # Three autocast regions, not one: autocast caches each weight's low-precision copy for
+        # the life of a region, so AWP's in-place perturbation would be invisible to a training
+        # forward in the attack's region (C.6).
+        with self._autocast():
+            x_adv = self.method.attack(model, x, y)
+        model.train()
+        with self._autocast():
+            self.intervention.before_step(epoch, self.method, x, x_adv, y)
+        with self._autocast():
+            loss, logits_adv = self.method.loss(model, x, x_adv, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.intervention.after_step()
+        # Clean running metrics from a forward after the step. Rice's loop (and the fix-lr and
+        # fix-param code) runs it in train mode, so BN's running statistics see the clean batch
+        # too; the layer-wise AWP and TRADES code has no such pass, which eval mode reproduces
+        # (B §3.2 step 5, C.2).
+        model.train(self.config.log_pass_mode == "train")
+        with torch.no_grad(), self._autocast():
+            logits_nat = model(x)
+        return loss.detach(), logits_adv, logits_nat
 
     def evaluate(self) -> dict[str, float]:
         """Eval-mode metrics: PGD on the fixed train subset, clean and PGD on the test set."""

@@ -116,7 +116,7 @@ def test_trades_attack_linf_follows_hand_iterates(linear):
         q = softmax(a.reshape(5, -1) @ W.T + b)
         g = ((q - p_nat) @ W).reshape(a.shape)  # d/dx of sum KL(p_nat || q(x))
         a = np.clip(np.clip(a + STEP * np.sign(g), xn - EPS, xn + EPS), 0, 1)
-    out = trades_attack(model, x, ThreatModel("linf", EPS, STEP), steps=5, x_adv=x0)
+    out = trades_attack(model, x, ThreatModel("linf", EPS, STEP), steps=5, start=x0 - x)
     np.testing.assert_allclose(out.numpy(), a, atol=1e-12)
 
 
@@ -126,3 +126,46 @@ def test_trades_attack_l2_stays_in_ball_and_box(linear):
     out = trades_attack(model, x, ThreatModel("l2", eps, 2 * eps / 10), steps=10)
     assert (l2n((out - x).numpy()) <= eps + 1e-9).all()
     assert out.min() >= 0 and out.max() <= 1
+
+
+def kl_grad(W, b, x_nat, a):
+    """d/da of sum KL(p(x_nat) || p(a)) for the linear model: (p(a) - p(x_nat)) W."""
+    n = len(a)
+    p_nat = softmax(x_nat.reshape(n, -1) @ W.T + b)
+    q = softmax(a.reshape(n, -1) @ W.T + b)
+    return ((q - p_nat) @ W).reshape(a.shape)
+
+
+# scale 1e-3 gives gradient norms of 1e-10 to 4e-10, as TRADES meets at initialisation, where an
+# epsilon of 1e-10 in the division shortens the step by 20-40%; its first two steps are compared
+# (the softmax difference behind so small a gradient carries ~1e-10 relative rounding).
+@pytest.mark.parametrize("scale,steps,atol", [(1.0, 10, 1e-12), (1e-3, 3, 1e-9)])
+def test_trades_attack_l2_follows_the_authors_iterates(linear, scale, steps, atol):
+    # The layer-wise TRADES scripts' L2 branch: SGD (lr 2*eps/K) on delta along -grad/||grad||
+    # of -KL (no epsilon in the division), delta <- clip(x + delta, 0, 1) - x, then
+    # delta.renorm_(2, 0, eps), which scales by eps / (||delta|| + 1e-7) where ||delta|| > eps.
+    model, W, b, x, y = linear
+    with torch.no_grad():
+        model[1].weight.mul_(scale)  # W is a view of this weight, so it is scaled too
+    eps = 128 / 255
+    step = 2 * eps / 10
+    torch.manual_seed(3)
+    d0 = 0.001 * torch.randn_like(x)
+    xn, d = x.numpy(), d0.numpy().copy()
+    for _ in range(steps):
+        g = kl_grad(W, b, xn, xn + d)
+        d = d + step * g / l2n(g)
+        d = np.clip(xn + d, 0, 1) - xn
+        norm = l2n(d)
+        d = d * np.where(norm > eps, eps / (norm + 1e-7), 1.0)
+    out = trades_attack(model, x, ThreatModel("l2", eps, step), steps=steps, start=d0)
+    np.testing.assert_allclose(out.numpy(), xn + d, rtol=0, atol=atol)
+
+
+def test_trades_attack_l2_stays_put_where_the_gradient_is_exactly_zero(linear):
+    model, W, b, x, y = linear
+    with torch.no_grad():
+        model[1].weight.zero_()  # the logits ignore the input: every input gradient is exactly 0
+    start = 0.001 * torch.randn_like(x)
+    out = trades_attack(model, x, ThreatModel("l2", 0.5, 0.1), steps=3, start=start)
+    assert torch.equal(out, x + ((x + start).clamp(0, 1) - x))  # clipped, never moved, no NaN

@@ -49,14 +49,16 @@ def test_key_is_readable_and_stable_across_processes():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={"PYTHONHASHSEED": "123"}, check=True).stdout.strip()
     assert other == c.key
-    # A literal: changing what a key hashes would orphan every stored run, so it must be deliberate.
-    assert c.key == "cifar10-linf-preact18-at-fix_lr-34-s0-15bc6b1d"
+    # A literal: changing what a key hashes would orphan every stored run, so it must be deliberate
+    # (0.2.0 added log_pass_mode: README, "Changed in 0.2.0").
+    assert c.key == "cifar10-linf-preact18-at-fix_lr-34-s0-214139b9"
 
 
 def test_key_changes_with_what_is_computed_but_not_with_where_it_runs():
     c = from_dict({})
     assert c.replace(data_root="/scratch/data", device="cuda", download=True).key == c.key
-    for change in ({"seed": 1}, {"awp_gamma": 0.02}, {"epochs": 100}, {"precision": "bf16"}):
+    for change in ({"seed": 1}, {"awp_gamma": 0.02}, {"epochs": 100}, {"precision": "bf16"},
+                   {"log_pass_mode": "eval"}):
         assert c.replace(**change).key != c.key, change
 
 

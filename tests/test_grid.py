@@ -9,7 +9,8 @@ import yaml
 
 from ablation.config import from_dict
 from ablation.errors import ConfigError
-from ablation.grid import ALL_SUBSETS, load_sweep, sweep_from_dict
+from ablation.grid import load_sweep, sweep_from_dict
+from ablation.layers import ALL_SUBSETS
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 PREACT18 = ("cifar10_linf", "cifar10_l2", "cifar100_linf", "cifar100_l2", "svhn_linf", "svhn_l2")

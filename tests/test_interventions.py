@@ -84,8 +84,46 @@ def test_trades_awp_ascends_the_trades_objective():
     assert cfg.awp_gamma == 0.005  # TRADES default (A.5)
     v = awp.perturbation(build_method(cfg), x, x_adv, y)
     for n, g, got in zip(names, grads, v):
-        torch.testing.assert_close(got, 0.005 * params[n].norm() * g / g.norm(), rtol=1e-6,
-                                   atol=1e-12)
+        torch.testing.assert_close(cfg.awp_gamma * got, 0.005 * params[n].norm() * g / g.norm(),
+                                   rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,warmup,first_awp_epoch", [
+    ("at", 0, 0), ("at", 5, 5), ("at", 10, 10),           # AT-AWP scripts: 0-based, epoch >= w
+    ("trades", 10, 9), ("trades", 1, 0), ("trades", 0, 0),  # TRADES-AWP: 1-based, epoch >= w
+])
+def test_awp_warmup_boundary_follows_each_methods_epoch_numbering(method, warmup,
+                                                                  first_awp_epoch):
+    # Written out from the scripts: AT_AWP/train_cifar10.py loops `for epoch in range(0, E)` and
+    # TRADES_AWP/train_trades_cifar.py `for epoch in range(1, E + 1)`, both perturbing when
+    # `epoch >= awp_warmup`; so the first perturbed 0-based epoch is w for AT and w - 1 for TRADES.
+    cfg, model, x, x_adv, y = tiny(method=method, awp_warmup=warmup)
+    awp = build_intervention(model, cfg)
+    moved = []
+    for epoch in range(12):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model.train()
+        awp.before_step(epoch, build_method(cfg), x, x_adv, y)
+        moved.append(any(not torch.equal(p, before[n]) for n, p in model.named_parameters()))
+        awp.after_step()
+    assert moved.index(True) == first_awp_epoch and all(moved[first_awp_epoch:])
+
+
+@pytest.mark.parametrize("method,proxy_lr", [("at", 0.01), ("trades", 0.1)])
+def test_awp_proxy_steps_with_the_authors_learning_rate(method, proxy_lr):
+    # AT_AWP scripts: proxy_optim = SGD(proxy.parameters(), lr=0.01); TRADES_AWP scripts:
+    # SGD(proxy.parameters(), lr=args.lr) with --lr 0.1. The proxy moves by lr * gradient.
+    cfg, model, x, x_adv, y = tiny(method=method, layers=(4,))
+    method_ = build_method(cfg)
+    ref = copy.deepcopy(model).train()
+    names = [n for n in group_names(model, (4,)) if model.get_parameter(n).dim() > 1]
+    params = dict(ref.named_parameters())
+    grads = torch.autograd.grad(method_.proxy_loss(ref, x, x_adv, y), [params[n] for n in names])
+    awp = build_intervention(model, cfg)
+    awp.perturbation(method_, x, x_adv, y)
+    for n, g, q in zip(names, grads, awp.proxy_params):
+        torch.testing.assert_close(q.detach() - model.get_parameter(n).detach(), proxy_lr * g,
+                                   rtol=1e-9, atol=1e-15)
 
 
 def test_fix_param_freezes_only_the_chosen_groups():

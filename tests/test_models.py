@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ablation.config import from_dict
 from ablation.errors import ConfigError
 from ablation.models import MODELS, Normalize, build_model, group_names, ungrouped_names
 
@@ -127,7 +128,7 @@ def test_group_names_is_union_in_model_order(zoo: Zoo, name: str) -> None:
 
 
 def test_group_names_rejects_bad_group(zoo: Zoo) -> None:
-    with pytest.raises(ConfigError, match="5"):
+    with pytest.raises(ValueError, match="5"):  # a caller's bug: the config has checked layers
         group_names(zoo.get("preact_small"), [1, 5])
 
 
@@ -179,8 +180,10 @@ def test_normalize_module() -> None:
     torch.testing.assert_close(norm(x)[:, 2], (x[:, 2] - 0.3) / 2.0)
 
 
-def test_unknown_model_is_config_error() -> None:
-    with pytest.raises(ConfigError) as info:
+def test_unknown_model_is_a_programming_error_the_config_catches_first() -> None:
+    with pytest.raises(ConfigError, match="'resnet' is not one of"):
+        from_dict({"model": "resnet"})
+    with pytest.raises(ValueError) as info:
         build_model("resnet", num_classes=10)
     message = str(info.value)
     assert "'resnet'" in message and "preact18" in message and "wrn34_10" in message
@@ -188,11 +191,16 @@ def test_unknown_model_is_config_error() -> None:
 
 
 def test_stats_must_match_channels() -> None:
-    with pytest.raises(ConfigError, match="mean"):
+    with pytest.raises(ValueError, match="mean"):
         build_model("preact_small", num_classes=10, in_channels=1, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
-def test_config_names_every_registered_model():
+def test_config_names_every_registered_model_method_and_intervention():
+    # config keeps torch-free name lists (a fast CLI); the registries hold the builders.
     from ablation import config
+    from ablation.interventions import INTERVENTIONS
+    from ablation.methods import METHODS
 
     assert set(config.MODELS) == set(MODELS)
+    assert set(config.METHODS) == set(METHODS)
+    assert set(config.INTERVENTIONS) == set(INTERVENTIONS)

@@ -1,10 +1,12 @@
 """The trainer: schedule, interventions in a real loop, best/last, checkpoints and resume."""
 
+import copy
 import math
 
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_trial
 
 from ablation.config import from_dict
@@ -141,3 +143,54 @@ def test_missing_dataset_names_the_path(tmp_path):
     cfg = from_dict(tiny_trial(dataset="cifar10", data_root=str(tmp_path / "nowhere")))
     with pytest.raises(DataError, match="nowhere"):
         Trainer(cfg, tmp_path / "out")
+
+
+def test_the_clean_logging_pass_moves_bn_statistics_only_in_train_mode(tmp_path):
+    # One batch per epoch. AT attacks and trains in train mode, so the weights cannot depend on
+    # the logging pass; in train mode (Rice's loop) it adds one momentum-0.1 update with the clean
+    # batch's statistics at the new weights: r_train = 0.9 * r_eval + 0.1 * batch mean.
+    def run(mode):
+        cfg = from_dict(tiny_trial(epochs=1, batch_size=10_000, log_pass_mode=mode))
+        trainer = Trainer(cfg, tmp_path / mode)
+        trainer.fit()
+        return trainer
+    train, eval_ = run("train"), run("eval")
+    assert from_dict(tiny_trial()).log_pass_mode == "train"  # the AT default
+    params = lambda t: dict(t.model.named_parameters())
+    assert all(torch.equal(p, params(eval_)[n]) for n, p in params(train).items())
+    model = train.model
+    with torch.no_grad():
+        x = train.data.train_x.float() / 255
+        feature = model.conv1(model.normalize(x))  # what layer1.0.bn1 sees
+    expected = 0.9 * eval_.model.layer1[0].bn1.running_mean + 0.1 * feature.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.layer1[0].bn1.running_mean, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trades_has_no_logging_pass_by_default():
+    assert from_dict(tiny_trial(method="trades")).log_pass_mode == "eval"
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                          reason="needs a CUDA device"))])
+def test_bf16_training_loss_is_taken_at_the_awp_perturbed_weights(tmp_path, monkeypatch, device):
+    # autocast caches a weight's bf16 copy for the life of a region; the training forward must
+    # see the weights AWP has just perturbed in place, not the copies cached during the attack.
+    cfg = from_dict(tiny_trial(intervention="awp_full", precision="bf16", epochs=1,
+                               awp_gamma=0.5, device=device))
+    trainer = Trainer(cfg, tmp_path)
+    loss_fn, seen = trainer.method.loss, []
+
+    def recording_loss(model, x, x_adv, y):
+        loss, logits = loss_fn(model, x, x_adv, y)
+        seen.append((copy.deepcopy(model), x_adv.clone(), y.clone(), loss.item()))
+        return loss, logits
+
+    monkeypatch.setattr(trainer.method, "loss", recording_loss)
+    trainer.fit()
+    assert seen
+    for snapshot, x_adv, y, got in seen:  # snapshot: the perturbed weights, in train mode
+        with torch.autocast(device, dtype=torch.bfloat16):
+            expected = F.cross_entropy(snapshot(x_adv), y).item()
+        # CUDA may pick other convolution kernels for the copy: equal up to bf16 rounding there
+        assert got == pytest.approx(expected, rel=0 if device == "cpu" else 1e-2)

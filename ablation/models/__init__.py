@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..layers import GROUPS
 from .common import Normalize
 from .dla import dla
 from .dpn import dpn26
@@ -26,8 +26,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "preact_small": preact_small,
 }
 
-GROUPS = (1, 2, 3, 4)
-
 
 def build_model(
     name: str,
@@ -41,10 +39,10 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name``; ``width``/``blocks`` only shape ``preact_small``."""
     if name not in MODELS:
-        raise ConfigError(f"model: {name!r} is not one of {', '.join(sorted(MODELS))}")
+        raise ValueError(f"model {name!r} is not one of {', '.join(sorted(MODELS))}")  # config checks
     for label, stats in (("mean", mean), ("std", std)):
         if stats is not None and len(stats) != in_channels:
-            raise ConfigError(f"{label}: has {len(stats)} values but the input has {in_channels} channels")
+            raise ValueError(f"{label} has {len(stats)} values, the input {in_channels} channels")
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     if name == "preact_small":
         kwargs.update(width=width, blocks=blocks)
@@ -52,11 +50,11 @@ def build_model(
 
 
 def group_names(model: nn.Module, layers: Iterable[int]) -> list[str]:
-    """Parameter names in the union of groups ``layers`` (ints in 1..4), in ``named_parameters()`` order."""
+    """Parameter names in the union of groups ``layers`` (ints in 1..4, checked by the config),
+    in ``named_parameters()`` order."""
     layers = list(layers)
-    bad = [g for g in layers if g not in GROUPS]
-    if bad:
-        raise ConfigError(f"layers: {bad[0]!r} is not one of 1, 2, 3, 4")
+    if any(g not in GROUPS for g in layers):
+        raise ValueError(f"layer groups {layers} are not within {GROUPS}")  # a caller's bug
     groups = model.layer_groups()
     wanted = {n for g in layers for n in groups[g]}
     return [n for n, _ in model.named_parameters() if n in wanted]
