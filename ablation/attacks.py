@@ -1,7 +1,9 @@
-"""Attacks in [0,1] pixel space: PGD (Linf, L2) and the TRADES KL inner maximisation.
+"""Attacks in [0,1] pixel space: PGD (Linf, L2), the TRADES KL inner maximisation, and standard
+AutoAttack through ``pyautoattack`` for the final numbers.
 
-Attacks are functions of (model, inputs, threat model). They neither change the model's mode nor
-fill its parameters' ``.grad``: the caller chooses train or eval mode (METHOD B §2).
+Attacks are functions of (model, inputs, threat model). PGD and TRADES neither change the model's
+mode nor fill its parameters' ``.grad``: the caller chooses train or eval mode (method B §2).
+AutoAttack alone puts the model in eval mode, as it requires, and restores the mode after.
 """
 
 from __future__ import annotations
@@ -115,3 +117,39 @@ def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
         delta = (delta + x).clamp(0, 1) - x
         delta = delta.renorm(p=2, dim=0, maxnorm=threat.eps)
     return (x + delta).detach()
+
+
+AA_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel,
+                        n_examples: int | None = None, batch_size: int = 250,
+                        seed: int = 0) -> float:
+    """Robust accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; B §7) on the
+    first ``n_examples`` images.
+
+    ``images`` are uint8 or [0,1] floats; the model normalises inside its forward and runs in
+    eval mode, as AutoAttack requires (B §7.1). The eps is the threat model's (L2: 128/255).
+    """
+    from pyautoattack import AutoAttack  # imported here: loading it costs a second at start-up
+
+    n = len(labels) if n_examples is None else min(n_examples, len(labels))
+    x = images[:n]
+    x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+    y = labels[:n]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        attack = AutoAttack(model, norm=AA_NORMS[threat.norm], eps=threat.eps,
+                            version="standard", device=device, seed=seed)
+        x_adv, _ = attack.run_standard_evaluation(x.to(device), y.to(device),
+                                                  batch_size=batch_size)
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                logits = model(x_adv[i:i + batch_size].to(device))
+                correct += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
+    finally:
+        model.train(was_training)
+    return correct / n

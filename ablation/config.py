@@ -1,7 +1,7 @@
 """The trial config: one frozen dataclass per training run, validated once when it is built.
 
 Fields left as ``None`` are filled with the paper's defaults for the chosen dataset, method and
-model (METHOD.md part A), so a built config always holds concrete values and its key names
+model (docs/method.md part A), so a built config always holds concrete values and its key names
 exactly what was trained.
 """
 
@@ -37,7 +37,7 @@ RUNTIME_FIELDS = ("data_root", "download", "device")
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything that defines one adversarial-training run; see METHOD.md for each default."""
+    """Everything that defines one adversarial-training run; see docs/method.md for each default."""
 
     dataset: str = "cifar10"
     data_root: str = "data"
@@ -52,7 +52,7 @@ class TrialConfig:
     train_steps: int = 10
     test_steps: int = 20
     train_attack_mode: str | None = None  # AT attacks in train mode (Rice), TRADES in eval (A.1, A.6)
-    log_pass_mode: str | None = None  # the clean logging pass after each step: AT train, TRADES eval (C.2)
+    log_pass_mode: str | None = None  # clean logging pass after a step: AT train, TRADES eval (C.2)
     trades_beta: float = 6.0
     normalize: bool | None = None  # per-channel mean/std inside the model; TRADES code uses none (B §1.2)
     intervention: str = "none"
@@ -187,7 +187,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
 
 
 def _paper_defaults(c: TrialConfig) -> dict[str, Any]:
-    """METHOD.md part A defaults that depend on the dataset, method, threat model or model."""
+    """docs/method.md part A defaults that depend on the dataset, method, threat model or model."""
     svhn = c.dataset == "svhn"
     trades = c.method == "trades"
     vgg = c.model == "vgg16"

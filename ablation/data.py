@@ -50,8 +50,8 @@ class Data:
                        test_x=self.test_x.to(device), test_y=self.test_y.to(device))
 
 
-# Normalisation constants from METHOD.md; digits and synthetic get theirs from the training images
-# in load_data, so dataset_info (which does no I/O) leaves them None.
+# Normalisation constants from docs/method.md B §1.2; digits and synthetic get theirs from the
+# training images in load_data, so dataset_info (which does no I/O) leaves them None.
 _INFO = {
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
                            (0.2471, 0.2435, 0.2616)),
@@ -178,7 +178,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[np.ndarray
         raise DataError(f"{name}: no data at {missing} (put {what} there or set download: true)")
     try:
         if name == "svhn":
-            # Only 'train' (73,257) and 'test' (26,032); never 'extra' (METHOD.md).
+            # Only 'train' (73,257) and 'test' (26,032); never 'extra' (docs/method.md).
             splits = [_SVHN(str(root), split=s, download=download) for s in ("train", "test")]
             arrays = [(s.data, s.labels) for s in splits]  # data already N, C, H, W; 10 -> 0
         else:
@@ -304,7 +304,7 @@ _ROTATION_DEG = 15.0
 
 
 def augment(x: torch.Tensor, dataset: str) -> torch.Tensor:
-    """Augment a float batch (B, C, H, W) in [0, 1] on its own device, per METHOD.md:
+    """Augment a float batch (B, C, H, W) in [0, 1] on its own device, per docs/method.md:
     cifar10 reflect-pad crop + flip; cifar100 zero-pad crop + flip + rotation; others none."""
     dataset_info(dataset)  # ConfigError for an unknown name
     if x.dim() != 4:

@@ -1,80 +1,104 @@
-"""AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square) through ``pyautoattack`` (METHOD B §7)."""
+"""A trial's final numbers: Best / Last / Diff from its curve and standard AutoAttack on its best
+and last weights (method A.9, B §7), written to its ``summary.json``.
+
+Works on a finished trial folder alone (the checkpoint holds the weights and the history), so
+``ablate train``, a sweep's workers and ``ablate evaluate`` all end a trial the same way, and none
+of them needs a Trainer to attack two state dicts.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
-from .attacks import ThreatModel
-
-AA_NORMS = {"linf": "Linf", "l2": "L2"}
+from pathlib import Path
+from typing import Any, Callable
 
 
-def autoattack_accuracy(model: nn.Module, images: Tensor, labels: Tensor, threat: ThreatModel,
-                        n_examples: int | None = None, batch_size: int = 250,
-                        seed: int = 0) -> float:
-    """Robust accuracy under standard AutoAttack on the first ``n_examples`` test images.
+from . import files
+from .attacks import ThreatModel, autoattack_accuracy
+from .config import TrialConfig
+from .curves import best_last
+from .data import Data, load_data
+from .io import load_json, load_torch, save_json
+from .trainer import build_trial_model, resolve_device
 
-    ``images`` are uint8 or [0,1] floats; the model normalises inside its forward and is put in
-    eval mode here, as AutoAttack requires (B §7.1). The eps is the trial's own (L2: 128/255).
+
+def write_summary(config: TrialConfig, workdir: str | Path, history: list[dict[str, Any]], *,
+                  autoattack: int | None = None, weights_changed: bool = True,
+                  data: Data | None = None) -> dict[str, Any]:
+    """Write ``summary.json`` (best / last / diff) into the trial folder and return it.
+
+    With ``autoattack`` (N test images, 0 = all) it also holds AutoAttack numbers, kept from the
+    previous summary when the weights did not change since (``weights_changed=False``) and N is
+    the same. ``data`` saves loading the dataset again when the caller holds it.
     """
-    from pyautoattack import AutoAttack  # imported here: loading it costs a second at start-up
+    workdir = Path(workdir)
+    summary: dict[str, Any] = {"key": config.key, **best_last(history)}
+    path = workdir / files.SUMMARY
+    if not weights_changed and path.exists():
+        summary.update({k: v for k, v in load_json(path).items() if "autoattack" in k})
+    if autoattack is not None:
+        data = data or load_data(config.dataset, config.data_root, config.download)
+        n = min(autoattack or len(data.test_y), len(data.test_y))
+        if summary.get("autoattack_n") != n:
+            summary.update(autoattack_trial(config, workdir, n, data))
+    save_json(summary, path)
+    return summary
 
-    n = len(labels) if n_examples is None else min(n_examples, len(labels))
-    x = images[:n]
-    x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-    y = labels[:n]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        attack = AutoAttack(model, norm=AA_NORMS[threat.norm], eps=threat.eps,
-                            version="standard", device=device, seed=seed)
-        x_adv, _ = attack.run_standard_evaluation(x.to(device), y.to(device),
-                                                  batch_size=batch_size)
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, n, batch_size):
-                logits = model(x_adv[i:i + batch_size].to(device))
-                correct += (logits.argmax(1) == y[i:i + batch_size].to(device)).sum().item()
-    finally:
-        model.train(was_training)
-    return correct / n
+
+def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data) -> dict[str, Any]:
+    """Standard AutoAttack accuracy of the trial's best and last weights on ``n`` test images.
+
+    The best weights' number is kept in ``autoattack.partial.json`` until the last weights' is
+    known too, so a run stopped in between does not attack the best weights again.
+    """
+    device = resolve_device(config.device)
+    model = build_trial_model(config, data.info).to(device)
+    checkpoint = load_torch(workdir / files.CHECKPOINT)
+    threat = ThreatModel(config.threat, config.eps, config.step)
+    partial_path = workdir / files.AUTOATTACK_PARTIAL
+    partial = load_json(partial_path) if partial_path.exists() else {}
+    out: dict[str, Any] = partial if partial.get("autoattack_n") == n else {}
+    out["autoattack_n"] = n
+    for which, weights in (("best", "best_model"), ("last", "model")):
+        if f"{which}_autoattack_acc" in out:
+            continue
+        model.load_state_dict(checkpoint[weights])
+        out[f"{which}_autoattack_acc"] = autoattack_accuracy(
+            model, data.test_x.to(device), data.test_y.to(device), threat, n, seed=config.seed)
+        save_json(out, partial_path)
+    out["diff_autoattack_acc"] = out["best_autoattack_acc"] - out["last_autoattack_acc"]
+    partial_path.unlink(missing_ok=True)
+    return out
 
 
 def evaluate_run(location, n_examples: int | None, device: str | None = None,
-                 echo=print) -> list[str]:
+                 echo: Callable[[str], None] = lambda message: None) -> list[str]:
     """AutoAttack the best and last weights of every finished trial of a run folder (a path or a
     URI) that lacks it (or has it on another number of images). Each trial's numbers are saved
     as soon as they exist, so an interrupted evaluation resumes where it stopped. Returns the
     keys evaluated."""
-    from .data import load_data
-    from .io import load_json, save_json
     from .store import RunDir
-    from .trainer import CHECKPOINT, SUMMARY, Trainer
 
     run = RunDir.open(location)
-    test_sizes: dict[tuple, int] = {}
+    loaded: dict[tuple, Data] = {}
     done = []
     for key, config in run.trials().items():
-        summary_path = run.trial_dir(key) / SUMMARY
+        summary_path = run.trial_dir(key) / files.SUMMARY
         if not summary_path.exists():
             continue  # not finished: nothing final to attack yet
         summary = load_json(summary_path)
-        data = (config.dataset, config.data_root, config.download)
-        if data not in test_sizes:
-            test_sizes[data] = len(load_data(*data).test_y)
-        n = min(n_examples or test_sizes[data], test_sizes[data])
+        source = (config.dataset, config.data_root, config.download)
+        if source not in loaded:
+            loaded[source] = load_data(*source)
+        data = loaded[source]
+        n = min(n_examples or len(data.test_y), len(data.test_y))
         if summary.get("autoattack_n") == n:
             continue
         if device:
             config = config.replace(device=device)  # where it runs is not part of the key
-        run.sync(f"trials/{key}/{CHECKPOINT}")
-        trainer = Trainer(config, run.trial_dir(key))
+        run.sync(files.trial_file(key, files.CHECKPOINT))
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
-        summary.update(trainer.autoattack(n))
-        save_json(summary, summary_path)
-        run.push(summary_path)
+        summary.update(autoattack_trial(config, run.trial_dir(key), n, data))
+        run.write_json(files.trial_file(key, files.SUMMARY), summary)
         run.add_summary(config, summary)
         done.append(key)
     return done

@@ -43,7 +43,7 @@ class Intervention:
 
 
 class FixParam(Intervention):
-    """Freeze the chosen groups at their initial values for the whole run (METHOD A.3, B §5.1).
+    """Freeze the chosen groups at their initial values for the whole run (A.3, B §5.1).
 
     Frozen tensors get no gradient, so SGD applies neither weight decay nor momentum to them; their
     BatchNorm running statistics still update because the model still runs in train mode.

@@ -9,11 +9,12 @@ import click
 import pandas as pd
 import torch
 
+from . import files
 from .config import TrialConfig
+from .curves import best_last
+from .evaluate import write_summary
 from .io import save_parquet
-from .trainer import Reporter, Trainer, summarize
-
-CURVES = "curves.parquet"
+from .trainer import Reporter, Trainer
 
 
 def curves_frame(config: TrialConfig, history: list[dict[str, float]]) -> pd.DataFrame:
@@ -44,8 +45,8 @@ class LocalReporter(Reporter):
 
     def epoch(self, row, checkpoint):
         self.rows.append(row)
-        save_parquet(curves_frame(self.config, self.rows), self.out / CURVES)
-        best = summarize(self.rows)
+        save_parquet(curves_frame(self.config, self.rows), self.out / files.TRIAL_CURVES)
+        best = best_last(self.rows)
         self.bar.set_postfix_str(f"test robust {row['test_robust_acc']:.1%}, "
                                  f"best {best['best_test_robust_acc']:.1%} @ {best['best_epoch']}")
 
@@ -61,7 +62,7 @@ def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
     if threads:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.to_yaml())
+    (out / files.TRIAL_CONFIG).write_text(config.to_yaml())
     trainer = Trainer(config, out)
     reporter = LocalReporter(out, quiet)
     if trainer.finished:
@@ -72,8 +73,9 @@ def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
         reporter.close()
     if autoattack is not None:
         click.echo(f"{config.key}: AutoAttack on best and last weights (unless done)", err=True)
-    summary = trainer.write_summary(autoattack)
-    save_parquet(curves_frame(config, history), out / CURVES)
+    summary = write_summary(config, out, history, autoattack=autoattack, data=trainer.data,
+                            weights_changed=not trainer.finished_at_start)
+    save_parquet(curves_frame(config, history), out / files.TRIAL_CURVES)
     _print_summary(summary, out)
 
 

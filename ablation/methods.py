@@ -12,7 +12,7 @@ from .config import TrialConfig
 
 class Method:
     """A training objective: ``attack`` makes the training batch, ``loss`` is minimised, and
-    ``proxy_loss`` is the objective AWP ascends on its proxy network (METHOD B §4.1, §4.2).
+    ``proxy_loss`` is the objective AWP ascends on its proxy network (docs/method.md B §4.1, §4.2).
 
     Two constants follow the authors' script for the method: ``first_epoch`` is the number that
     script gives its first epoch (AWP's warm-up is compared against it), ``awp_proxy_lr`` the
@@ -70,7 +70,7 @@ class AT(Method):
 
 
 class TRADES(Method):
-    """TRADES: CE on clean inputs + beta * KL(clean || adversarial) (METHOD B §6).
+    """TRADES: CE on clean inputs + beta * KL(clean || adversarial) (docs/method.md B §6).
 
     The TRADES-AWP scripts count epochs from 1 (so a warm-up of 10 turns AWP on in the 0-based
     epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2).

@@ -1,15 +1,9 @@
-"""The run folder of a sweep and its Parquet curve store, written by one process (the driver).
+"""The run folder of a sweep: its Parquet curve store, written by one process (the driver), and
+the decisions about it that need no Ray: which trials are done, which to run, their states.
 
-Layout of ``runs/<sweep>/``::
-
-    sweep.json           the trials this folder holds: key -> full trial config
-    curves/<key>.parquet one row per (trial, epoch), every identifying config field as columns
-    summary.parquet      one row per finished trial: best / last / diff (+ AutoAttack)
-    state.json           per-trial state (pending, running, done, errored) and the driver's heartbeat
-    trials/<key>/        each trial's own folder: checkpoint.pt, summary.json, error.txt
-
-``pandas.read_parquet(run / "curves")`` reads every curve; files are replaced atomically, so a
-reader never sees a torn one (temporary files start with a dot, which Parquet readers skip).
+The files are named in :mod:`ablation.files`. ``pandas.read_parquet(run / "curves")`` reads every
+curve; files are replaced atomically, so a reader never sees a torn one (temporary files start
+with a dot, which Parquet readers skip).
 
 A run folder at a URI (``s3://bucket/runs/x``) is worked on in a local mirror (see
 :mod:`ablation.remote`): :meth:`RunDir.open` pulls the store into it, and every file written here
@@ -29,14 +23,15 @@ from typing import Any
 
 import pandas as pd
 
+from . import files
 from .config import TrialConfig, from_dict
-from .errors import AblateError
+from .curves import best_last
+from .errors import AblateError, ConfigError
 from .grid import Sweep
-from .io import save_json, save_parquet
+from .io import atomic_path, load_json, save_json, save_parquet
 from .remote import Remote, is_uri, mirror_dir
 
 STATES = ("pending", "running", "done", "errored")
-TRIAL_MARKERS = ("summary.json", "error.txt")  # what `status` and resuming need of a trial folder
 
 
 class RunDir:
@@ -45,8 +40,8 @@ class RunDir:
     def __init__(self, root: str | Path, remote: Remote | None = None):
         self.root = Path(root).resolve()
         self.remote = remote  # where the durable copy lives, if not here
-        self.curves_dir = self.root / "curves"
-        self.trials_dir = self.root / "trials"
+        self.curves_dir = self.root / files.CURVES_DIR
+        self.trials_dir = self.root / files.TRIALS_DIR
         self._curves: dict[str, pd.DataFrame] = {}
 
     @classmethod
@@ -79,22 +74,42 @@ class RunDir:
         """Make the mirror's store (not the checkpoints) what the URI holds now."""
         if not self.remote:
             return
-        stale = [self.manifest_path, self.state_path, self.root / "summary.parquet",
+        stale = [self.manifest_path, self.state_path, self.root / files.SUMMARY_TABLE,
                  *self.curves_dir.glob("*.parquet"),
-                 *(p for name in TRIAL_MARKERS for p in self.trials_dir.glob(f"*/{name}"))]
+                 *(p for name in files.TRIAL_MARKERS for p in self.trials_dir.glob(f"*/{name}"))]
         for path in stale:
             path.unlink(missing_ok=True)
         for rel in self.remote.files():
             parts = rel.split("/")
-            if (len(parts) == 1 or parts[0] == "curves"
-                    or (parts[0] == "trials" and parts[-1] in TRIAL_MARKERS)):
+            if (len(parts) == 1 or parts[0] == files.CURVES_DIR
+                    or (parts[0] == files.TRIALS_DIR and parts[-1] in files.TRIAL_MARKERS)):
                 self.remote.download(rel, self.root / rel)
         self._curves.clear()
 
     def push(self, path: Path) -> None:
-        """Send a file just written in the run folder to the URI (no-op for a local folder)."""
+        """Send a file written in the run folder by someone else (the trainer's checkpoint) to
+        the URI (no-op for a local folder). The store's own writes push themselves."""
         if self.remote:
             self.remote.upload(path, path.relative_to(self.root).as_posix())
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        """Write a JSON file of the run folder atomically and push it: one call per write."""
+        save_json(obj, self.root / rel)
+        self.push(self.root / rel)
+        return self.root / rel
+
+    def write_parquet(self, rel: str, frame: pd.DataFrame) -> Path:
+        """Write a Parquet file of the run folder atomically and push it."""
+        save_parquet(frame, self.root / rel)
+        self.push(self.root / rel)
+        return self.root / rel
+
+    def write_text(self, rel: str, text: str) -> Path:
+        """Write a text file of the run folder atomically and push it."""
+        with atomic_path(self.root / rel) as tmp:
+            tmp.write_text(text)
+        self.push(self.root / rel)
+        return self.root / rel
 
     def sync(self, rel: str) -> bool:
         """Make the file ``rel`` of the run folder here what the URI holds (removing a stale
@@ -105,21 +120,18 @@ class RunDir:
         return path.exists()
 
     def mark_errored(self, key: str, text: str) -> None:
-        path = self.trial_dir(key) / "error.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        self.push(path)
+        self.write_text(files.trial_file(key, files.ERROR), text)
 
     def clear_error(self, key: str) -> None:
-        (self.trial_dir(key) / "error.txt").unlink(missing_ok=True)
+        (self.trial_dir(key) / files.ERROR).unlink(missing_ok=True)
         if self.remote:
-            self.remote.delete(f"trials/{key}/error.txt")
+            self.remote.delete(files.trial_file(key, files.ERROR))
 
     # --- the manifest -------------------------------------------------------------------------
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / "sweep.json"
+        return self.root / files.SWEEP
 
     def exists(self) -> bool:
         return self.manifest_path.exists()
@@ -136,11 +148,9 @@ class RunDir:
         return json.loads(self.manifest_path.read_text())
 
     def write_manifest(self, spec: Sweep) -> None:
-        save_json({"name": spec.name, "description": spec.description,
-                   "autoattack": spec.autoattack,
-                   "trials": {k: c.to_dict() for k, c in spec.by_key.items()}},
-                  self.manifest_path)
-        self.push(self.manifest_path)
+        self.write_json(files.SWEEP, {"name": spec.name, "description": spec.description,
+                                      "autoattack": spec.autoattack,
+                                      "trials": {k: c.to_dict() for k, c in spec.by_key.items()}})
 
     def trial_dir(self, key: str) -> Path:
         return self.trials_dir / key
@@ -150,7 +160,7 @@ class RunDir:
     def curves(self, key: str) -> pd.DataFrame:
         """The stored curve of one trial (empty if none)."""
         if key not in self._curves:
-            path = self.curves_dir / f"{key}.parquet"
+            path = self.root / files.curves_file(key)
             self._curves[key] = pd.read_parquet(path) if path.exists() else pd.DataFrame()
         return self._curves[key]
 
@@ -162,26 +172,24 @@ class RunDir:
             if len(self.curves(config.key)) else new
         merged = (merged.drop_duplicates(subset=["key", "epoch"], keep="last")
                   .sort_values("epoch").reset_index(drop=True))
-        save_parquet(merged, self.curves_dir / f"{config.key}.parquet")
-        self.push(self.curves_dir / f"{config.key}.parquet")
+        self.write_parquet(files.curves_file(config.key), merged)
         self._curves[config.key] = merged
 
     def forget(self, key: str) -> None:
         """Drop everything of one trial: its folder, stored curve and summary row (for a
         restart from scratch)."""
         shutil.rmtree(self.trial_dir(key), ignore_errors=True)
-        (self.curves_dir / f"{key}.parquet").unlink(missing_ok=True)
+        (self.root / files.curves_file(key)).unlink(missing_ok=True)
         self._curves.pop(key, None)
         if self.remote:
-            self.remote.delete(f"trials/{key}")
-            self.remote.delete(f"curves/{key}.parquet")
+            self.remote.delete(files.trial_file(key))
+            self.remote.delete(files.curves_file(key))
         table = self.summaries()
         if len(table) and key in set(table.key):
-            save_parquet(table[table.key != key], self.root / "summary.parquet")
-            self.push(self.root / "summary.parquet")
+            self.write_parquet(files.SUMMARY_TABLE, table[table.key != key])
 
     def summaries(self) -> pd.DataFrame:
-        path = self.root / "summary.parquet"
+        path = self.root / files.SUMMARY_TABLE
         return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
     def add_summary(self, config: TrialConfig, summary: dict[str, Any]) -> None:
@@ -190,19 +198,18 @@ class RunDir:
         the table is fetched again just before, which narrows that race to the upload time."""
         with open(self.root / ".summary.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.sync("summary.parquet")
+            self.sync(files.SUMMARY_TABLE)
             table = self.summaries()
             row = pd.DataFrame([{**config.columns(), **summary}])
             table = pd.concat([table[table.key != config.key], row], ignore_index=True) \
                 if len(table) else row
-            save_parquet(table, self.root / "summary.parquet")
-            self.push(self.root / "summary.parquet")
+            self.write_parquet(files.SUMMARY_TABLE, table)
 
     # --- states -------------------------------------------------------------------------------
 
     @property
     def state_path(self) -> Path:
-        return self.root / "state.json"
+        return self.root / files.STATE
 
     def states(self) -> dict[str, Any]:
         if not self.state_path.exists():
@@ -211,9 +218,51 @@ class RunDir:
 
     def write_states(self, trials: dict[str, str]) -> None:
         """Per-trial states plus the driver's heartbeat (pid, host, time)."""
-        save_json({"trials": trials, "driver": {"pid": os.getpid(), "host": socket.gethostname(),
-                                                "time": time.time()}}, self.state_path)
-        self.push(self.state_path)
+        self.write_json(files.STATE, {"trials": trials, "driver": {
+            "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}})
+
+
+def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
+    """Check the sweep against what the folder holds, record it, and return the trials to run.
+
+    A trial stored here but absent from the sweep means the file changed what existing trials
+    compute (their keys hash the whole config): refuse rather than orphan their work.
+    """
+    name, autoattack, configs = spec.name, spec.autoattack, spec.by_key
+    if run.exists():
+        stored = run.manifest()
+        if stored["name"] != name:
+            raise ConfigError(f"{run.location}: holds sweep {stored['name']!r}, not {name!r}; "
+                              "use another --storage")
+        gone = [k for k in stored["trials"] if k not in configs]
+        if gone:
+            raise ConfigError(
+                f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
+                f"(e.g. {gone[0]}); undo the change or run it with another --storage")
+    run.write_manifest(spec)
+    todo = {}
+    for key, config in configs.items():
+        folder = run.trial_dir(key)
+        errored = (folder / files.ERROR).exists()
+        if errored and restart_errored:
+            run.forget(key)
+        if not (folder / files.SUMMARY).exists() or (
+                autoattack is not None and "autoattack_n" not in load_json(folder / files.SUMMARY)):
+            todo[key] = config
+    return todo
+
+
+def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
+                 autoattack: int | None) -> list[dict[str, Any]]:
+    """What each Tune trial receives; relative data roots become absolute (workers chdir)."""
+    out = []
+    for key, config in todo.items():
+        root = Path(config.data_root).expanduser()
+        if not root.is_absolute():
+            config = config.replace(data_root=str(root.resolve()))  # not in the key: same trial
+        out.append({"key": key, "config": config.to_dict(), "run": run.location,
+                    "threads": threads, "autoattack": autoattack})
+    return out
 
 
 def _driver_alive(driver: dict[str, Any] | None) -> bool:
@@ -240,9 +289,9 @@ def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
     for key, config in trials.items():
         curve = run.curves(key)
         folder = run.trial_dir(key)
-        if (folder / "summary.json").exists():
+        if (folder / files.SUMMARY).exists():
             state = "done"
-        elif (folder / "error.txt").exists():
+        elif (folder / files.ERROR).exists():
             state = "errored"
         elif recorded["trials"].get(key) == "running":
             state = "running" if alive else "interrupted"
@@ -252,9 +301,10 @@ def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
         if done:
             seconds.extend((curve.train_seconds + curve.eval_seconds).tolist())
         remaining += 0 if state == "done" else config.epochs - done
+        numbers = best_last(curve) if done else {}
         rows.append({"key": key, "state": state, "epochs": f"{done}/{config.epochs}",
-                     "best_robust": curve.test_robust_acc.max() if done else float("nan"),
-                     "current_robust": curve.test_robust_acc.iloc[-1] if done else float("nan")})
+                     "best_robust": numbers.get("best_test_robust_acc", float("nan")),
+                     "current_robust": numbers.get("last_test_robust_acc", float("nan"))})
     running = sum(r["state"] == "running" for r in rows)
     eta = sum(seconds) / len(seconds) * remaining / max(running, 1) if seconds else None
     return pd.DataFrame(rows), eta

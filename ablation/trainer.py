@@ -18,18 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import files
 from .attacks import ThreatModel, pgd
 from .config import TrialConfig
-from .data import Data, augment, load_data
+from .curves import best_last
+from .data import Data, DatasetInfo, augment, load_data
 from .errors import ConfigError, TrainingDiverged
-from .evaluate import autoattack_accuracy
 from .interventions import build_intervention
-from .io import load_json, load_torch, save_json, save_torch
+from .io import load_torch, save_torch
 from .methods import build_method
 from .models import build_model
 
-CHECKPOINT = "checkpoint.pt"
-SUMMARY = "summary.json"
 CHECKPOINT_FORMAT = 1
 
 
@@ -56,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate(config: TrialConfig, t: float) -> float:
-    """Piecewise schedule at fractional epoch t: lr_max, x0.1 at each milestone (METHOD B §3.1)."""
+    """Piecewise schedule at fractional epoch t: lr_max, x0.1 at each milestone (B §3.1)."""
     drops = sum(t >= m * config.epochs for m in config.milestones)
     return config.lr_max * 0.1**drops
 
@@ -94,24 +93,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
-    """Best / last / diff of test PGD robust accuracy and of clean accuracy (METHOD A.9).
-
-    Best is the first epoch with the highest test robust accuracy (strict >, as the paper selects
-    on the test set); clean accuracy is reported at that same epoch.
-    """
-    best = history[0]
-    for row in history[1:]:
-        if row["test_robust_acc"] > best["test_robust_acc"]:
-            best = row
-    last = history[-1]
-    out: dict[str, Any] = {"epochs_done": len(history), "best_epoch": int(best["epoch"]),
-                           "last_epoch": int(last["epoch"])}
-    for metric in ("test_robust_acc", "test_acc"):
-        out[f"best_{metric}"] = best[metric]
-        out[f"last_{metric}"] = last[metric]
-        out[f"diff_{metric}"] = best[metric] - last[metric]
-    return out
+def build_trial_model(config: TrialConfig, info: DatasetInfo) -> torch.nn.Module:
+    """The trial's network for a dataset, normalising inside its forward unless the method's
+    authors feed raw pixels (TRADES, B §1.2)."""
+    return build_model(
+        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+        mean=info.mean if config.normalize else None, std=info.std if config.normalize else None,
+        width=config.width, blocks=config.blocks)
 
 
 class Trainer:
@@ -121,17 +109,13 @@ class Trainer:
         """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images)."""
         self.config = config
         self.workdir = Path(workdir).resolve()  # Ray may change the working directory
-        self.checkpoint_path = self.workdir / CHECKPOINT
+        self.checkpoint_path = self.workdir / files.CHECKPOINT
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         if data is None:
             data = load_data(config.dataset, config.data_root, config.download)
         self.data = data.to(self.device)
-        info = self.data.info
-        self.model = build_model(
-            config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-            mean=info.mean if config.normalize else None, std=info.std if config.normalize else None,
-            width=config.width, blocks=config.blocks).to(self.device)
+        self.model = build_trial_model(config, self.data.info).to(self.device)
         self.method = build_method(config)
         self.intervention = build_intervention(self.model, config)
         self.optimizer = torch.optim.SGD(self.intervention.param_groups(), lr=config.lr_max,
@@ -164,9 +148,9 @@ class Trainer:
         reporter.start(self.config, list(self.history))
         for epoch in range(self.epochs_done, self.config.epochs):
             row = self.train_epoch(epoch, reporter)
-            row.update(self.evaluate())
+            row.update(self.eval_epoch())
             self.history.append(row)
-            if summarize(self.history)["best_epoch"] == epoch:
+            if best_last(self.history)["best_epoch"] == epoch:
                 self.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self.model.state_dict().items()}
             self._save_checkpoint()
@@ -247,8 +231,9 @@ class Trainer:
             logits_nat = model(x)
         return loss.detach(), logits_adv, logits_nat
 
-    def evaluate(self) -> dict[str, float]:
-        """Eval-mode metrics: PGD on the fixed train subset, clean and PGD on the test set."""
+    def eval_epoch(self) -> dict[str, float]:
+        """Eval-mode metrics after an epoch: PGD on the fixed train subset, clean and PGD on the
+        test set (A.8). AutoAttack, on the final weights only, is ``evaluate.py``'s."""
         start = time.perf_counter()
         cfg = self.config
         out = {}
@@ -311,48 +296,3 @@ class Trainer:
         set_rng_state(state["rng"])
         self.best_state = state["best_model"]
         self.history = state["history"]
-
-    def write_summary(self, autoattack: int | None = None) -> dict[str, Any]:
-        """Write ``summary.json`` (best / last / diff) into the trial folder and return it.
-
-        With ``autoattack`` (N test images, 0 = all) it also holds AutoAttack numbers, reused from
-        the previous summary when no epoch was trained since and N is the same.
-        """
-        summary: dict[str, Any] = {"key": self.config.key, **summarize(self.history)}
-        path = self.workdir / SUMMARY
-        if self.finished_at_start and path.exists():
-            summary.update({k: v for k, v in load_json(path).items() if "autoattack" in k})
-        if autoattack is not None:
-            n = min(autoattack or len(self.data.test_y), len(self.data.test_y))
-            if summary.get("autoattack_n") != n:
-                summary.update(self.autoattack(n))
-        save_json(summary, path)
-        return summary
-
-    def autoattack(self, n_examples: int | None = None) -> dict[str, float]:
-        """Standard AutoAttack accuracy of the best and last weights on the test set (A.9).
-
-        The best weights' number is kept in ``autoattack.partial.json`` until the last weights'
-        is known too, so a run stopped in between does not attack the best weights again.
-        """
-        n = min(n_examples or len(self.data.test_y), len(self.data.test_y))
-        partial_path = self.workdir / "autoattack.partial.json"
-        partial = load_json(partial_path) if partial_path.exists() else {}
-        out: dict[str, float] = partial if partial.get("autoattack_n") == n else {}
-        out["autoattack_n"] = n
-        for which in ("best", "last"):
-            if f"{which}_autoattack_acc" in out:
-                continue
-            self.load_weights(which)
-            out[f"{which}_autoattack_acc"] = autoattack_accuracy(
-                self.model, self.data.test_x, self.data.test_y, self.eval_threat, n,
-                seed=self.config.seed)
-            save_json(out, partial_path)
-        out["diff_autoattack_acc"] = out["best_autoattack_acc"] - out["last_autoattack_acc"]
-        partial_path.unlink(missing_ok=True)
-        return out
-
-    def load_weights(self, which: str) -> None:
-        """Put the ``best`` or ``last`` weights of this trial into the model."""
-        state = load_torch(self.checkpoint_path)
-        self.model.load_state_dict(state["best_model" if which == "best" else "model"])

@@ -16,14 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .config import TrialConfig, from_dict
-from .errors import ConfigError
-from .grid import Sweep
-from .io import load_json
-from .store import RunDir
-from .trainer import CHECKPOINT, SUMMARY, Reporter, Trainer
-
-ATTEMPTS = "attempts.log"
+from .evaluate import write_summary
+from .store import RunDir, trial_params
+from .trainer import Reporter, Trainer
 
 
 class TuneReporter(Reporter):
@@ -62,16 +59,17 @@ def ablate_trial(params: dict[str, Any]) -> None:
         # A worker orphaned by a killed driver may still hold this trial; wait for it to end
         # rather than write the same checkpoint from two processes.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name in (CHECKPOINT, SUMMARY, ATTEMPTS):
-            run.sync(f"trials/{key}/{name}")  # the URI's copy is the truth, not this node's
+        for name in (files.CHECKPOINT, files.SUMMARY, files.ATTEMPTS):
+            run.sync(files.trial_file(key, name))  # the URI's copy is the truth, not this node's
         trainer = Trainer(config, workdir)
-        with open(workdir / ATTEMPTS, "a") as log:  # one line per start: resumed where
+        with open(workdir / files.ATTEMPTS, "a") as log:  # one line per start: resumed where
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on "
                       f"{socket.gethostname()} starts at epoch {trainer.epochs_done}\n")
-        run.push(workdir / ATTEMPTS)
-        trainer.fit(TuneReporter(run))
-        summary = trainer.write_summary(spec.get("autoattack"))
-        run.push(workdir / SUMMARY)
+        run.push(workdir / files.ATTEMPTS)
+        history = trainer.fit(TuneReporter(run))
+        summary = write_summary(config, workdir, history, autoattack=spec.get("autoattack"),
+                                data=trainer.data, weights_changed=not trainer.finished_at_start)
+        run.push(workdir / files.SUMMARY)
     tune.report({"summary": summary, "pid": os.getpid()})
 
 
@@ -139,49 +137,6 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
             self._state(trial, "errored")
 
     return StoreCallback()
-
-
-def prepare(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
-    """Check the sweep against what the folder holds, record it, and return the trials to run.
-
-    A trial stored here but absent from the sweep means the file changed what existing trials
-    compute (their keys hash the whole config): refuse rather than orphan their work.
-    """
-    name, autoattack, configs = spec.name, spec.autoattack, spec.by_key
-    if run.exists():
-        stored = run.manifest()
-        if stored["name"] != name:
-            raise ConfigError(f"{run.location}: holds sweep {stored['name']!r}, not {name!r}; "
-                              "use another --storage")
-        gone = [k for k in stored["trials"] if k not in configs]
-        if gone:
-            raise ConfigError(
-                f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
-                f"(e.g. {gone[0]}); undo the change or run it with another --storage")
-    run.write_manifest(spec)
-    todo = {}
-    for key, config in configs.items():
-        folder = run.trial_dir(key)
-        errored = (folder / "error.txt").exists()
-        if errored and restart_errored:
-            run.forget(key)
-        if not (folder / SUMMARY).exists() or (autoattack is not None and "autoattack_n" not in
-                                               load_json(folder / SUMMARY)):
-            todo[key] = config
-    return todo
-
-
-def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
-                 autoattack: int | None) -> list[dict[str, Any]]:
-    """What each Tune trial receives; relative data roots become absolute (workers chdir)."""
-    out = []
-    for key, config in todo.items():
-        root = Path(config.data_root).expanduser()
-        if not root.is_absolute():
-            config = config.replace(data_root=str(root.resolve()))  # not in the key: same trial
-        out.append({"key": key, "config": config.to_dict(), "run": run.location,
-                    "threads": threads, "autoattack": autoattack})
-    return out
 
 
 def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, address: str | None,

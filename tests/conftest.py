@@ -134,6 +134,8 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
     """
     import torch
 
+    from ablation import files
+    from ablation.evaluate import write_summary
     from ablation.grid import sweep_from_dict
     from ablation.store import RunDir
     from ablation.trainer import Reporter, Trainer
@@ -162,8 +164,10 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
                 trainer.fit(Store(config, stop_after.get(i)))
             except StopIteration:
                 continue
-            run.add_summary(config, trainer.write_summary(spec.autoattack))
-            run.push(run.trial_dir(config.key) / "summary.json")
+            summary = write_summary(config, trainer.workdir, trainer.history,
+                                    autoattack=spec.autoattack, data=trainer.data)
+            run.push(run.trial_dir(config.key) / files.SUMMARY)
+            run.add_summary(config, summary)
     finally:
         torch.set_num_threads(threads)
     return run.root

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ablation.attacks import ThreatModel
-from ablation.evaluate import autoattack_accuracy
+from ablation.attacks import autoattack_accuracy
 
 
 class Constant(nn.Module):

@@ -13,8 +13,13 @@ import pytest
 
 from ablation.errors import AblateError
 from ablation.report import Run, load_run
-from ablation.report.tables import (SUBSETS, TABLES, ablation, awp_compare, best_last, effects,
-                                    write_table, write_tables)
+from ablation.layers import ALL_SUBSETS as SUBSETS
+from ablation.report.effects import effects_table as effects
+from ablation.report.tables import (TABLES, ablation_table as ablation,
+                                    awp_compare_table as awp_compare,
+                                    best_last_table as best_last, write_tables)
+from ablation.report.numbers import Table
+from ablation.report.writers import write_table
 from conftest import run_sweep_in_process, tiny_trial
 
 
@@ -29,23 +34,23 @@ def _hand(curves: pd.DataFrame, intervention: str, layers: str) -> dict[str, flo
 
 def test_best_last_matches_hand_computation(study_run: Path) -> None:
     curves = pd.read_parquet(study_run / "curves")
-    table = best_last(load_run(study_run)).set_index("Method")
+    result = best_last(load_run(study_run))
+    table = result.display.set_index("Method")
     assert list(table.index) == ["AT", "RAT_LR", "RAT_WP"]
     for name, (iv, layers) in {"AT": ("none", ""), "RAT_LR": ("fix_lr", "3,4")}.items():
         for column, value in _hand(curves, iv, layers).items():
             assert table.loc[name, column] == f"{value:.2f}".replace("-0.00", "0.00")
     # No AutoAttack was run: a dash, never 0.
     assert (table[["AA Best", "AA Last", "AA Diff"]] == "–").all().all()
-    numbers = table.attrs["numbers"]
-    assert numbers.aa_best.isna().all()
+    assert result.numbers.aa_best.isna().all()
 
 
 def test_ablation_rows_in_documented_order(study_run: Path) -> None:
-    table = ablation(load_run(study_run), "awp")
-    expected = ["[-]"] + ["[" + ",".join(map(str, s)) + "]" for s in SUBSETS]
+    table = ablation(load_run(study_run), "awp").display
+    expected = ["[-]"] + ["[" + ", ".join(map(str, s)) + "]" for s in SUBSETS]
     assert list(table.Layer) == expected
     assert len(expected) == 16 and expected[1:5] == ["[1]", "[2]", "[3]", "[4]"]
-    assert expected[-1] == "[1,2,3,4]"
+    assert expected[-1] == "[1, 2, 3, 4]"
     # The baseline row is AT's numbers; natural accuracy is taken at the Best PGD epoch.
     curves = pd.read_parquet(study_run / "curves")
     at = curves[curves.intervention == "none"].sort_values("epoch").reset_index(drop=True)
@@ -54,7 +59,7 @@ def test_ablation_rows_in_documented_order(study_run: Path) -> None:
 
 
 def test_awp_compare_rows(study_run: Path) -> None:
-    table = awp_compare(load_run(study_run))
+    table = awp_compare(load_run(study_run)).display
     assert list(table.Method) == ["AT", "AWP", "RAT_WP"]
     assert {"Natural Best", "PGD-20 Diff", "AA Last"} <= set(table.columns)
 
@@ -94,17 +99,15 @@ def test_write_tables_files_and_latex(study_run: Path, tmp_path: Path) -> None:
 
 def test_write_table_escapes_specials(tmp_path: Path) -> None:
     frame = pd.DataFrame({"Method": ["a_b & c # 5%"], "PGD-20 Best": ["1.00 ± 0.10"]})
-    _, _, tex = write_table(frame, tmp_path, "x", "50% of a_b")
+    _, _, tex = write_table(Table(frame, frame), tmp_path, "x", "50% of a_b")
     text = tex.read_text()
     _check_latex(text)
     assert r"a\_b \& c \# 5\%" in text and r"$\pm$" in text
 
 
-def test_unknown_table_name(study_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(AblateError, match="best-last, awp-compare, ablation, effects"):
-        write_tables(load_run(study_run), ["best-last", "nope"], tmp_path)
-    with pytest.raises(AblateError):
-        ablation(load_run(study_run), "none")
+def test_table_registry_names_the_tables_the_cli_offers() -> None:
+    assert list(TABLES) == ["best-last", "awp-compare", "ablation", "effects"]
+    assert all(kind.what for kind in TABLES.values())
 
 
 def test_autoattack_for_some_trials(study_run: Path, tmp_path: Path) -> None:
@@ -116,14 +119,15 @@ def test_autoattack_for_some_trials(study_run: Path, tmp_path: Path) -> None:
         summary[f"{part}_autoattack_acc"] = np.where(at, [0.4, 0.3, 0.1][i], np.nan)
     summary["autoattack_n"] = np.where(at, 100, np.nan)
     summary.to_parquet(root / "summary.parquet")
-    table = best_last(load_run(root)).set_index("Method")
+    table = best_last(load_run(root)).display.set_index("Method")
     assert list(table.loc["AT", ["AA Best", "AA Last", "AA Diff"]]) == ["40.00", "30.00", "10.00"]
     assert (table.loc[["RAT_LR", "RAT_WP"], ["AA Best", "AA Last", "AA Diff"]] == "–").all().all()
 
 
 def test_seeds_mean_std(seeds_run: Path) -> None:
     curves = pd.read_parquet(seeds_run / "curves")
-    table = best_last(load_run(seeds_run)).set_index("Method")
+    result = best_last(load_run(seeds_run))
+    table = result.display.set_index("Method")
     assert set(table.Seeds) == {"3"}
     for name, (iv, layers) in {"AT": ("none", ""), "RAT_LR": ("fix_lr", "3,4")}.items():
         one = curves[(curves.intervention == iv) & (curves.layers == layers)]
@@ -133,8 +137,7 @@ def test_seeds_mean_std(seeds_run: Path) -> None:
                                ("PGD-20 Diff", best - last)):
             expected = f"{values.mean():.2f} ± {values.std():.2f}".replace("-0.00", "0.00")
             assert table.loc[name, column] == expected
-    numbers = table.attrs["numbers"]
-    assert "pgd_best_std" in numbers.columns
+    assert "pgd_best_std" in result.numbers.columns
 
 
 def test_partial_run_marked(tmp_path: Path) -> None:
@@ -146,8 +149,8 @@ def test_partial_run_marked(tmp_path: Path) -> None:
     run = load_run(root)
     assert run.partial
     table = best_last(run)
-    assert sum(m.endswith(" *") for m in table.Method) == 1
-    assert any("still running" in n for n in table.attrs["notes"])
+    assert sum(m.endswith(" *") for m in table.display.Method) == 1
+    assert any("still running" in n for n in table.notes)
     write_tables(run, ["best-last"], tmp_path / "out")
     assert "still running" in (tmp_path / "out" / "best-last.md").read_text()
 
@@ -186,7 +189,7 @@ def _synthetic_run(subsets: list[tuple[int, ...]], seeds: int = 3, sd: float = 0
 
 def test_effects_recover_planted_values() -> None:
     table = effects(_synthetic_run([(), *SUBSETS]))
-    numbers = table.attrs["numbers"]
+    numbers = table.numbers
     assert list(numbers.term[1:5]) == ["layer 1", "layer 2", "layer 3", "layer 4"]
     assert list(numbers.term[5:]) == [f"layer {a} x layer {b}"
                                       for a, b in itertools.combinations(range(1, 5), 2)]
@@ -195,15 +198,15 @@ def test_effects_recover_planted_values() -> None:
         truth = TRUTH.get(row.term, 0.0)
         assert abs(row.estimate - truth) < 0.3, row.term
         assert row.ci_low <= truth <= row.ci_high, row.term
-    assert table["95% CI"].str.startswith("[").all()
-    assert "averaged over the other layers" in table.attrs["notes"][0]
+    assert table.display["95% CI"].str.startswith("[").all()
+    assert "averaged over the other layers" in table.notes[0]
 
 
 def test_main_effects_are_differences_of_means_in_the_full_design() -> None:
     """With all 16 cells equally replicated, the main effect of layer k is the textbook
     mean(Diff | k in the subset) - mean(Diff | k not in it), computed here with plain pandas."""
     run = _synthetic_run([(), *SUBSETS], seeds=2, sd=1.0)
-    estimate = effects(run).attrs["numbers"].set_index("term").estimate
+    estimate = effects(run).numbers.set_index("term").estimate
     last = run.curves[run.curves.epoch == 1].set_index("key")
     diff = 100 * (run.curves[run.curves.epoch == 0].set_index("key").test_robust_acc
                   - last.test_robust_acc)
@@ -221,17 +224,17 @@ def test_main_effects_are_differences_of_means_in_the_full_design() -> None:
 def test_effects_missing_cells_and_single_seed() -> None:
     # 3 of the 16 cells missing: still estimable, fit on what is there.
     some = [(), *SUBSETS[:10], *SUBSETS[12:]]
-    numbers = effects(_synthetic_run(some)).attrs["numbers"]
+    numbers = effects(_synthetic_run(some)).numbers
     assert (numbers.cells == 14).all()
     estimate = numbers.set_index("term").estimate
     assert abs(estimate["layer 3 x layer 4"] + 4) < 0.3
     # Only singletons and the baseline: interactions not identifiable -> skipped with a note.
     table = effects(_synthetic_run([(), *SUBSETS[:4]]))
-    assert table.empty and "skipped" in table.attrs["notes"][-1]
+    assert table.empty and "skipped" in table.notes[-1]
     # One seed, 11 cells: no residual df -> no interval, and a note saying so.
     eleven = [(), *SUBSETS[:10]]
     table = effects(_synthetic_run(eleven, seeds=1))
-    assert (table["95% CI"] == "–").all()
-    assert any("one seed gives no error estimate" in n for n in table.attrs["notes"])
+    assert (table.display["95% CI"] == "–").all()
+    assert any("one seed gives no error estimate" in n for n in table.notes)
     with pytest.raises(AblateError):
         effects(_synthetic_run(eleven, seeds=1), "nope")

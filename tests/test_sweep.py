@@ -19,7 +19,7 @@ from conftest import tiny_trial
 from ablation.grid import load_sweep
 from ablation.report import load_run
 from ablation.report.figures import intervention_grid
-from ablation.report.tables import best_last
+from ablation.report.tables import best_last_table as best_last
 from ablation.trainer import Trainer
 
 TIMING = ["train_seconds", "eval_seconds"]
@@ -90,7 +90,7 @@ def check_report_of_a_ray_run(run, curves):
     (drawn,) = [ln for ln in panel.get_lines() if ln.get_label() == "AT_fix_lr_[3, 4]"]
     mine = curves[curves.intervention == "fix_lr"].sort_values("epoch").test_robust_acc
     np.testing.assert_allclose(drawn.get_ydata(), 100 * mine.to_numpy())
-    table = best_last(report).attrs["numbers"].set_index("name")
+    table = best_last(report).numbers.set_index("name")
     assert table.loc["RAT_LR", "pgd_best"] == pytest.approx(100 * mine.max())
     assert table.loc["RAT_LR", "pgd_last"] == pytest.approx(100 * mine.iloc[-1])
 

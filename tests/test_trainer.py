@@ -12,7 +12,8 @@ from conftest import tiny_trial
 from ablation.config import from_dict
 from ablation.errors import ConfigError, DataError, TrainingDiverged
 from ablation.models import group_names
-from ablation.trainer import Reporter, Trainer, learning_rate, schedule_time, summarize
+from ablation.curves import best_last
+from ablation.trainer import Reporter, Trainer, learning_rate, schedule_time
 
 TIMING = ("train_seconds", "eval_seconds")
 
@@ -39,10 +40,10 @@ def test_per_epoch_schedule_follows_trades_1_based_epochs():
     assert lr_of(trades, 149, 0) == pytest.approx(0.001)
 
 
-def test_summarize_takes_the_first_best_epoch():
+def test_best_last_takes_the_first_best_epoch():
     rows = [{"epoch": e, "test_robust_acc": r, "test_acc": c}
             for e, (r, c) in enumerate([(0.1, 0.5), (0.3, 0.6), (0.3, 0.7), (0.2, 0.8)])]
-    s = summarize(rows)
+    s = best_last(rows)
     assert s["best_epoch"] == 1 and s["last_epoch"] == 3
     assert s["diff_test_robust_acc"] == pytest.approx(0.1)
     assert s["best_test_acc"] == 0.6 and s["diff_test_acc"] == pytest.approx(-0.2)
@@ -80,8 +81,9 @@ def test_rows_hold_every_metric_and_best_weights_follow_the_best_epoch(tmp_path)
         assert 0 <= row["test_robust_acc"] <= row["test_acc"] + 0.05
         assert math.isnan(row["lr_fixed"])
     assert history[-1]["test_acc"] > 0.2  # learns something: 10 classes, chance is 0.1
-    best = summarize(history)["best_epoch"]
-    trainer.load_weights("best")
+    best = best_last(history)["best_epoch"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    trainer.model.load_state_dict(saved["best_model"])
     assert trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 0)["acc"] == \
         pytest.approx(history[best]["test_acc"])
 

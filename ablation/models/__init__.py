@@ -39,7 +39,7 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name``; ``width``/``blocks`` only shape ``preact_small``."""
     if name not in MODELS:
-        raise ValueError(f"model {name!r} is not one of {', '.join(sorted(MODELS))}")  # config checks
+        raise ValueError(f"model {name!r} is not one of {', '.join(sorted(MODELS))}")  # a bug
     for label, stats in (("mean", mean), ("std", std)):
         if stats is not None and len(stats) != in_channels:
             raise ValueError(f"{label} has {len(stats)} values, the input {in_channels} channels")

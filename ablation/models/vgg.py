@@ -14,7 +14,7 @@ VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )
 
-# Indices into ``features`` per group. The split follows METHOD.md §8 and deliberately cuts
+# Indices into ``features`` per group. The split follows docs/method.md B §8 and deliberately cuts
 # across stages (e.g. conv 30 is in group 3 while its BN, index 31, is in group 4).
 VGG16_GROUPS: dict[int, tuple[int, ...]] = {
     1: (0, 1, 3, 4, 7, 8),

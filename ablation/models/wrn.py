@@ -95,7 +95,7 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
     def layer_groups(self) -> dict[int, list[str]]:
-        """Four contiguous slices of the network, cut inside blocks as in METHOD.md §8.
+        """Four contiguous slices of the network, cut inside blocks as in docs/method.md B §8.
 
         Defined for depth 34 (five blocks per stage), where the cuts balance the groups.
         """

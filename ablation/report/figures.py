@@ -24,22 +24,17 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .. import layers
 from ..errors import AblateError
 from ..io import atomic_path
+from ..layers import LAYER_WISE
 from . import SETTING, Run, display_name, label
 
-FIGURES = ("fix_param", "fix_lr", "awp", "gap", "heatmap")
-INTERVENTIONS = ("fix_param", "fix_lr", "awp")  # the per-subset interventions of the study
-
-# The paper's panels (Figures 2(a), 3(a), 4(a)), as ``layers`` strings of the curves table. The
-# paper has no place for [1, 2, 3, 4]; it ends panel 4 here (Figure 3 shows AT_fix_lr_[1,2,3,4]).
-PANELS: tuple[tuple[str, ...], ...] = (
-    ("1", "2", "3", "4"),
-    ("1,2", "1,3", "1,4"),
-    ("2,3", "2,4", "3,4"),
-    ("1,2,3", "1,2,4", "1,3,4", "2,3,4", "1,2,3,4"),
-)
-SUBSETS: tuple[str, ...] = tuple(s for panel in PANELS for s in panel)  # heatmap row order
+# The paper's panels (Figures 2(a), 3(a), 4(a)) and the heatmap's rows, as ``layers`` strings of
+# the curves table.
+PANELS: tuple[tuple[str, ...], ...] = tuple(tuple(layers.to_column(s) for s in panel)
+                                            for panel in layers.PANELS)
+SUBSETS: tuple[str, ...] = tuple(layers.to_column(s) for s in layers.ALL_SUBSETS)
 
 # Okabe-Ito colours (colour-blind safe), one per position within a panel; baselines are black.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7")
@@ -167,9 +162,8 @@ def intervention_grid(run: Run, intervention: str,
     order; a subset's colour is fixed by its position in that list (so it never shifts when a
     trial is missing). Settings without any ``intervention`` trial give no figure.
     """
-    if intervention not in INTERVENTIONS:
-        raise AblateError(f"unknown intervention {intervention!r}; choose from "
-                          f"{', '.join(INTERVENTIONS)}")
+    if intervention not in LAYER_WISE:
+        raise ValueError(f"no figure grid for intervention {intervention!r}")  # a caller's bug
     figures = []
     for values, rows in _settings(run):
         chosen = rows[rows.intervention == intervention]
@@ -184,9 +178,9 @@ def intervention_grid(run: Run, intervention: str,
         for ax, panel in zip(axes, PANELS):
             for curve in baseline.values():  # one, unless the run mixes baselines
                 _draw(ax, curve, BASELINE_COLOUR, "--", linewidth=1.8, zorder=3)  # on top
-            for colour, layers in zip(PALETTE, panel):
-                if layers in by_layers:
-                    _draw(ax, by_layers[layers], colour)
+            for colour, subset in zip(PALETTE, panel):
+                if subset in by_layers:
+                    _draw(ax, by_layers[subset], colour)
             ax.set_xlabel("Epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
             ax.grid(alpha=0.3)
@@ -270,8 +264,10 @@ def _gap(values: dict[str, str], rows: pd.DataFrame, wanted: list[str]) -> Figur
     return fig
 
 
-def _best_last(curve: Curve) -> tuple[float, float]:
-    """Best (max over epochs) and last (final epoch reached) of a seed-mean curve."""
+def _mean_curve_best_last(curve: Curve) -> tuple[float, float]:
+    """Max over epochs and final epoch of a seed-mean curve: with one seed these are the trial's
+    Best and Last (``curves.best_last``); with several, not the mean of per-seed Best and Last
+    that the tables show, and the figure's title says so."""
     return float(np.max(curve.y)), float(curve.y[-1])
 
 
@@ -288,7 +284,7 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
     """
     figures = []
     for values, rows in _settings(run):
-        present = [i for i in INTERVENTIONS if (rows.intervention == i).any()]
+        present = [i for i in LAYER_WISE if (rows.intervention == i).any()]
         if not present:
             continue
         best = np.full((len(SUBSETS), len(present)), np.nan)
@@ -297,10 +293,10 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
         for j, intervention in enumerate(present):
             chosen = rows[rows.intervention == intervention]
             curves = _curves(chosen, "test_robust_acc")
-            for layers, name in chosen.groupby("layers").label.first().items():
-                if layers in SUBSETS:
-                    i = SUBSETS.index(layers)
-                    best[i, j], last[i, j] = _best_last(curves[name])
+            for subset, name in chosen.groupby("layers").label.first().items():
+                if subset in SUBSETS:
+                    i = SUBSETS.index(subset)
+                    best[i, j], last[i, j] = _mean_curve_best_last(curves[name])
                     running[i, j] = not curves[name].complete
         overfit = best - last
         fig = Figure(figsize=(2.0 + 1.7 * len(present), 8.2), layout="constrained")
@@ -309,7 +305,7 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
         baselines, base_overfit = [], []
         for base in ("none", "awp_full"):  # AT (or TRADES) first, then AWP
             for curve in _curves(rows[rows.intervention == base], "test_robust_acc").values():
-                top_acc, final = _best_last(curve)
+                top_acc, final = _mean_curve_best_last(curve)
                 base_overfit.append(top_acc - final)
                 baselines.append(f"{curve.legend}: best {top_acc:.1f}, last {final:.1f} "
                                  f"({final - top_acc:.1f})")
@@ -329,12 +325,14 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
                         ha="center", va="center", fontsize=8,
                         color="white" if dark else "black")
         ax.set_xticks(range(len(present)), present)
-        ax.set_yticks(range(len(SUBSETS)), [f"[{', '.join(s.split(','))}]" for s in SUBSETS])
+        ax.set_yticks(range(len(SUBSETS)), [layers.display(s) for s in layers.ALL_SUBSETS])
         ax.xaxis.tick_top()
         ax.set_ylabel("Layers with the intervention")
         fig.colorbar(image, ax=ax, shrink=0.8,
                      label="Robust overfitting: best − last test robust acc (pp)")
-        lines = [_setting_title(values), "cell: best test robust acc % (last − best)"]
+        several = rows.seed.nunique() > 1  # then a cell is the seed-mean curve's, not the tables'
+        lines = [_setting_title(values), "cell: best test robust acc % (last − best)"
+                 + (" of the seed-mean curve" if several else "")]
         lines += ["; ".join(baselines)] if baselines else []
         if not rows.complete.all():
             lines.append("partial run: * = still running")
@@ -343,31 +341,38 @@ def heatmap(run: Run) -> list[tuple[str, Figure]]:
     return figures
 
 
+@dataclass(frozen=True)
+class FigureKind:
+    """A figure name's builder: (run, metric, settings) -> [(file stem, figure)]."""
+
+    build: Callable[[Run, str, list[str]], list[tuple[str, Figure]]]
+    what: str  # one line for the README and --help
+
+
+FIGURES: dict[str, FigureKind] = {
+    **{iv: FigureKind(lambda run, metric, settings, iv=iv: intervention_grid(run, iv, metric),
+                      f"Figure {n}(a): the {iv} grid, four panels of layer subsets")
+       for iv, n in (("fix_param", 2), ("fix_lr", 3), ("awp", 4))},
+    "gap": FigureKind(lambda run, metric, settings: gap_figure(run, settings or None),
+                      "Figures 3(b,c), 4(b,c): train and test robust accuracy and their gap"),
+    "heatmap": FigureKind(lambda run, metric, settings: heatmap(run),
+                          "15 subsets x interventions, coloured by Best - Last"),
+}
+
+
 def write_figures(run: Run, names: Iterable[str], out: Path, metric: str = "test_robust_acc",
                   settings: Iterable[str] = ()) -> list[Path]:
-    """Save the named figures (each setting's) as PNG (dpi 150) and PDF under ``out``.
+    """Save the named figures (names of ``FIGURES``, checked by the caller; each setting's) as
+    PNG (dpi 150) and PDF under ``out``.
 
     ``metric`` applies to the intervention grids; ``settings`` (labels), when given, are the
-    curves of the gap figure instead of the paper's two sets. A figure without data in this run (say, no
-    fix_param trials) is skipped. Returns the written paths; the figures are released.
+    curves of the gap figure instead of the paper's two sets. A figure without data in this run
+    (say, no fix_param trials) is skipped. Returns the written paths; the figures are released.
     """
-    names = list(dict.fromkeys(names))  # keep order, drop repeats
-    unknown = [n for n in names if n not in FIGURES and n != "all"]
-    if unknown:
-        raise AblateError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)} "
-                          "or all")
-    if "all" in names:
-        names = list(FIGURES)
     out = Path(out)
     written: list[Path] = []
-    for name in names:
-        if name in INTERVENTIONS:
-            made = intervention_grid(run, name, metric)
-        elif name == "gap":
-            made = gap_figure(run, list(settings) or None)
-        else:
-            made = heatmap(run)
-        for stem, fig in made:
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        for stem, fig in FIGURES[name].build(run, metric, list(settings)):
             for suffix in ("png", "pdf"):
                 path = out / f"{stem}.{suffix}"
                 with atomic_path(path) as tmp:  # the temporary name hides the format: say it

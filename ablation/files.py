@@ -1,0 +1,47 @@
+"""The names of every file ablate writes: a run folder (``ablate run``) and a trial folder (each
+trial of a run, and the output folder of ``ablate train``). The README's tables list the same.
+
+Run folder ``runs/<sweep>/``::
+
+    sweep.json              the trials this folder holds: key -> full trial config
+    curves/<key>.parquet    one row per (trial, epoch), every identifying config field as columns
+    summary.parquet         one row per finished trial: best / last / diff (+ AutoAttack)
+    state.json              per-trial state and the driver's heartbeat, for ``ablate status``
+    trials/<key>/           the trial folder of each trial
+
+Trial folder::
+
+    checkpoint.pt           weights, optimizer, RNG states, best weights, history (every epoch)
+    summary.json            best / last / diff (+ AutoAttack): written when the trial is done
+    autoattack.partial.json the best weights' AutoAttack number while the last weights' runs
+    attempts.log            one line per start of the trial: where it resumed (sweeps)
+    error.txt               why the last attempt failed (sweeps)
+    config.yaml, curves.parquet   the config and curve of an ``ablate train`` folder
+"""
+
+SWEEP = "sweep.json"
+CURVES_DIR = "curves"
+SUMMARY_TABLE = "summary.parquet"
+STATE = "state.json"
+TRIALS_DIR = "trials"
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+AUTOATTACK_PARTIAL = "autoattack.partial.json"
+ATTEMPTS = "attempts.log"
+ERROR = "error.txt"
+TRIAL_CONFIG = "config.yaml"
+TRIAL_CURVES = "curves.parquet"
+
+# What `ablate status` and planning read of a trial folder (pulled with a URI's store).
+TRIAL_MARKERS = (SUMMARY, ERROR)
+
+
+def curves_file(key: str) -> str:
+    """A trial's curve in the run folder, relative to its root."""
+    return f"{CURVES_DIR}/{key}.parquet"
+
+
+def trial_file(key: str, name: str = "") -> str:
+    """A trial's folder (or a file in it), relative to the run folder's root."""
+    return f"{TRIALS_DIR}/{key}" + (f"/{name}" if name else "")

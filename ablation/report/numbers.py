@@ -1,0 +1,179 @@
+"""Per-trial numbers and the table type every report table shares.
+
+Every number is computed from ``run.curves`` (per-epoch rows), so a table works on a partial run:
+a trial that is still running shows its Best so far and its latest epoch as Last, and its row is
+marked with `` *``. Only AutoAttack comes from ``run.summary``, because AutoAttack is evaluated
+after a trial finishes (and maybe only for some trials); where it is missing a cell shows "–".
+Best / Last / Diff are :func:`ablation.curves.best_last`'s, per trial (method A.9).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pandas as pd
+
+from ..curves import best_last
+from . import SETTING, Run, display_name, label as setting_label
+
+DASH = "–"  # en dash: a missing value (never 0)
+RUNNING = " *"
+RUNNING_NOTE = "* still running; Last is the latest epoch so far."
+# Metric prefixes in the numbers frames, their display group, and where they come from.
+METRICS = {"nat": "Natural", "pgd": "PGD-20", "aa": "AA"}
+PARTS = ("best", "last", "diff")
+ID_COLUMNS = {"dataset": "Dataset", "model": "Network", "threat": "Threat"}
+
+
+
+@dataclass(frozen=True)
+class Table:
+    """A report table: ``display`` has flat string columns ("PGD-20 Best", ...) with percentages
+    to 2 decimals, "mean ± std" (sample std over seeds) where a row has several seeds and "–"
+    for a missing value; ``numbers`` is the same table with raw numbers (percent, full precision,
+    NaN where missing, ``<metric>_std`` columns when any row has several seeds); ``notes`` are
+    its footnotes."""
+
+    display: pd.DataFrame
+    numbers: pd.DataFrame
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return self.display.empty
+
+
+def per_trial(run: Run) -> pd.DataFrame:
+    """One row per trial: setting, label, seed, ``complete`` and nat/pgd/aa best/last/diff in %.
+
+    Best/Last come from the curves (so unfinished trials count, with their latest epoch as Last);
+    AutoAttack comes from the summary where its columns exist, NaN otherwise.
+    """
+    curves = run.curves.sort_values(["key", "epoch"], kind="stable").reset_index(drop=True)
+    if curves.empty:
+        return pd.DataFrame()
+    ident = [c for c in (*SETTING, "intervention", "layers", "seed") if c in curves]
+    rows = []
+    for key, curve in curves.groupby("key", sort=False):
+        last = curve.iloc[-1]
+        row = {"key": key, **{c: last[c] for c in ident}}
+        row["label"] = (last["label"] if "label" in curve else
+                        setting_label(last.method, last.intervention, last.layers))
+        row["complete"] = bool(last["complete"]) if "complete" in curve else True
+        row["epochs_done"] = len(curve)
+        numbers = best_last(curve)
+        for prefix, metric in (("nat", "test_acc"), ("pgd", "test_robust_acc")):
+            best = 100 * numbers.get(f"best_{metric}", math.nan)
+            final = 100 * numbers.get(f"last_{metric}", math.nan)
+            row.update({f"{prefix}_best": best, f"{prefix}_last": final,
+                        f"{prefix}_diff": best - final})
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("key")
+    # AutoAttack: only for trials the summary has it for (the rest stay NaN -> "–").
+    summary = run.summary
+    for part in PARTS:
+        column = f"{part}_autoattack_acc"
+        values = (summary.set_index("key")[column] if column in summary and "key" in summary
+                  else pd.Series(dtype=float))
+        out[f"aa_{part}"] = 100 * pd.to_numeric(values.reindex(out.index), errors="coerce")
+    return out.reset_index()
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation over seeds and display formatting
+
+
+def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
+def cell(mean: float, std: float, n: int) -> str:
+    """``52.31``, ``52.31 ± 0.40`` (several seeds), or "–" (missing)."""
+    if isinstance(mean, float) and math.isnan(mean):
+        return DASH
+    if n > 1 and not (isinstance(std, float) and math.isnan(std)):
+        return f"{fmt(mean)} ± {fmt(std)}"
+    return fmt(mean)
+
+
+def aggregate(trials: pd.DataFrame, by: list[str], metrics: Iterable[str]) -> pd.DataFrame:
+    """Mean and sample std over seeds of each ``<metric>_<part>``; ``seeds`` counts the trials.
+
+    A metric missing for some seeds (AutoAttack run for only some) averages the seeds that have
+    it; missing for all gives NaN. ``complete`` is True only when every seed's trial finished.
+    """
+    columns = [f"{m}_{p}" for m in metrics for p in PARTS]
+    grouped = trials.groupby(by, sort=False, dropna=False)
+    out = grouped[columns].mean()
+    std = grouped[columns].std(ddof=1)
+    counts = grouped[columns].count()
+    for c in columns:
+        out[f"{c}_std"] = std[c]
+        out[f"{c}_n"] = counts[c]
+    out["seeds"] = grouped.size()
+    out["complete"] = grouped.complete.all()
+    return out.reset_index()
+
+
+def display_table(numbers: pd.DataFrame, ids: dict[str, str], metrics: Iterable[str],
+             notes: list[str]) -> Table:
+    """Turn an aggregated numbers frame into a Table (display strings, raw numbers, notes)."""
+    metrics = list(metrics)
+    several = bool((numbers["seeds"] > 1).any()) if len(numbers) else False
+    shown = pretty_setting(numbers) if len(numbers) else numbers
+    display = pd.DataFrame({title: shown[col].astype(str) for col, title in ids.items()})
+    if several:
+        display["Seeds"] = numbers["seeds"].astype(str)
+    for m in metrics:
+        for p in PARTS:
+            c = f"{m}_{p}"
+            display[f"{METRICS[m]} {p.title()}"] = [
+                cell(mean, std, n) for mean, std, n in
+                zip(numbers[c], numbers[f"{c}_std"], numbers[f"{c}_n"])]
+    if len(numbers) and not numbers["complete"].all():
+        notes = [*notes, RUNNING_NOTE]
+    keep = [*ids, "seeds", "complete"]
+    for m in metrics:
+        for p in PARTS:
+            keep.append(f"{m}_{p}")
+            if several:
+                keep.append(f"{m}_{p}_std")
+    return Table(display.reset_index(drop=True), numbers[keep].reset_index(drop=True),
+                 tuple(notes))
+
+
+def empty_table(why: str) -> Table:
+    """A table without rows whose note says why (the writers skip it and pass the note on)."""
+    columns = [*SETTING, "name", "seeds", "complete"]
+    return display_table(pd.DataFrame(columns=columns), {}, [], [why])
+
+
+def mark_running(numbers: pd.DataFrame, column: str) -> pd.DataFrame:
+    numbers = numbers.copy()
+    numbers[column] = [f"{v}{RUNNING}" if not done else v
+                       for v, done in zip(numbers[column], numbers["complete"])]
+    return numbers
+
+
+def pretty_setting(numbers: pd.DataFrame) -> pd.DataFrame:
+    """Paper names for network, threat and dataset (unknown names are shown as they are)."""
+    numbers = numbers.copy()
+    for column in ("model", "threat", "dataset"):
+        if column in numbers:
+            numbers[column] = [display_name(column, v) for v in numbers[column]]
+    return numbers
+
+
+def aa_note(trials: pd.DataFrame) -> list[str]:
+    if trials["aa_best"].isna().all():
+        return [f"{DASH} AutoAttack was not run."]
+    if trials["aa_best"].isna().any():
+        return [f"{DASH} AutoAttack was not run for this setting."]
+    return []
+
+
