@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
-from .config import TrialConfig, from_dict, load_trial
-from .errors import AblateError, ConfigError, RunFailed
+from .config import TrialConfig, from_dict, load_trial, parse_yaml
+from .datafiles import check_data
+from .errors import AblateError, ConfigError, RunFailed, quote
 
 
 def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig:
@@ -19,12 +20,13 @@ def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
-        changes[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"--set {quote(pair)}: expected KEY=VALUE")
+        changes[key.strip()] = parse_yaml(value, f"--set {quote(pair)}")
     return from_dict({**config.to_dict(), **changes}, source="--set") if changes else config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ablation", prog_name="ablate", message="%(prog)s %(version)s")
 def cli() -> None:
     """ablate: layer-wise interventions in adversarial training, from one trial to a sweep."""
 
@@ -50,9 +52,11 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
     TRIAL.yaml holds trial fields (dataset, model, method, threat, intervention, layers, epochs,
     ...); fields left out take the paper's defaults for the chosen dataset and method.
     """
-    from .local import train_trial  # torch loads here, so --help and config errors stay fast
+    config = _apply_overrides(load_trial(trial), overrides)
+    check_data(config.dataset, config.data_root, config.download)
+    from .local import train_trial  # torch loads here, so --help, config and data errors are fast
 
-    train_trial(_apply_overrides(load_trial(trial), overrides), out, autoattack, threads, quiet)
+    train_trial(config, out, autoattack, threads, quiet)
 
 
 @cli.command()
@@ -97,33 +101,67 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
             click.echo(f"{i:4d}  {config.key}  ({config.epochs} epochs)")
         click.echo(f"{len(spec.trials)} trials, {spec.total_epochs} epochs in total")
         return
-    from .store import RunDir
-    from .tune import SweepProgress, prepare, run_sweep
+    for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in spec.trials):
+        check_data(*place)  # here, before Ray starts and every trial fails the same way
+    from .store import DriverLock, RunDir, plan
+    from .tune import SweepProgress, parse_address, ray_cluster, run_sweep  # torch loads here
 
-    folder = RunDir.open(storage or Path("runs") / spec.name)
-    todo = prepare(folder, spec, restart_errored)
-    if spec.description:
-        click.echo(" ".join(spec.description.split()), err=True)
-    click.echo(f"{spec.name}: {len(spec.trials)} trials, {len(spec.trials) - len(todo)} done, "
-               f"{len(todo)} to run; folder {folder.location}", err=True)
-    if not todo:
-        return
-    stored = {(k, int(e)) for k in spec.by_key for e in folder.curves(k).get("epoch", [])}
-    progress = SweepProgress(spec.total_epochs, stored, quiet)
+    if address:
+        parse_address(address)  # a malformed --address fails before the folder is touched
+    folder = RunDir.attach(storage or Path("runs") / spec.name)
     try:
-        states = run_sweep(folder, todo, address=address, cpus_per_trial=cpus_per_trial,
-                           gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
-                           max_failures=max_failures, autoattack=spec.autoattack,
-                           progress=progress)
-    finally:
-        progress.close()
-    errored = [k for k, s in states.items() if s != "done"]
-    if errored:
-        raise RunFailed(f"{len(errored)} trial(s) did not finish (e.g. {errored[0]}); see "
-                        f"{folder.where('trials/<key>/error.txt')}, then run the same command "
-                        "again to retry them")
+        with DriverLock(folder):  # refuses a second driver before it changes anything
+            folder.pull()
+            todo = plan(folder, spec, restart_errored)
+            plan_line = (f"{spec.name}: {len(spec.trials)} trials, {len(spec.trials) - len(todo)}"
+                         f" done, {len(todo)} to run; folder {folder.location}")
+            if not todo:
+                click.echo(plan_line, err=True)
+                return
+            with ray_cluster(address) as cluster:  # a wrong address is one line, said first
+                if spec.description:
+                    click.echo(" ".join(spec.description.split()), err=True)
+                click.echo(plan_line, err=True)
+                stored = {(k, int(e)) for k in spec.by_key
+                          for e in folder.curves(k).get("epoch", [])}
+                progress = SweepProgress(spec.total_epochs, stored, quiet)
+                try:
+                    states = run_sweep(folder, todo, cluster=cluster,
+                                       cpus_per_trial=cpus_per_trial,
+                                       gpus_per_trial=gpus_per_trial,
+                                       max_concurrent=max_concurrent, max_failures=max_failures,
+                                       autoattack=spec.autoattack, progress=progress,
+                                       echo=lambda m: click.echo(m, err=True))
+                finally:
+                    progress.close()
+    except KeyboardInterrupt:  # here, so that click adds no blank line; main says the rest
+        raise click.exceptions.Abort() from None
+    except OSError as err:
+        if isinstance(err, ConnectionError) or err.errno is None:
+            raise
+        raise _folder_failure(folder, err) from None
+    unfinished = [k for k, s in states.items() if s != "done"]
+    if unfinished:
+        errored = [k for k in unfinished if states[k] == "errored"]
+        see = f"see {folder.where('trials/<key>/error.txt')}, then " if errored else ""
+        raise RunFailed(f"{len(unfinished)} trial(s) did not finish (e.g. "
+                        f"{(errored or unfinished)[0]}); {see}run the same command again to "
+                        "resume them")
     click.echo(f"{spec.name}: all {len(spec.trials)} trials done; curves in "
                f"{folder.where('curves')}")
+
+
+def _folder_failure(folder: Any, err: OSError) -> RunFailed:
+    """An OSError of the driver (a full disk, a read-only mount) as one line, exit 1. The run
+    folder stays consistent (every write is atomic), so the same command resumes."""
+    where = str(folder.root) + (f" (the mirror of {folder.location})" if folder.remote else "")
+    full = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+    if err.errno in full:
+        return RunFailed(f"{where}: {full[err.errno]}; free some space there, then run the same "
+                         "command again to resume")
+    what = f" ({err.filename})" if err.filename else ""
+    return RunFailed(f"{where}: {err.strerror or err}{what}; fix that, then run the same command "
+                     "again to resume")
 
 
 @cli.command()
@@ -131,9 +169,10 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
 def status(run_dir: str) -> None:
     """Per trial of a run folder: state, epochs done, best and current test robust accuracy,
     and an estimate of the time left."""
-    from .store import RunDir, status_table
+    from .store import RunDir, status_table, waiting_line
 
-    table, eta = status_table(RunDir.open(run_dir))
+    folder = RunDir.open(run_dir)
+    table, eta = status_table(folder)
     width = max(len(k) for k in table.key)
     click.echo(f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}")
     for row in table.itertuples():
@@ -147,6 +186,9 @@ def status(run_dir: str) -> None:
     left = "unknown" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) \
         if eta < 86400 else f"{eta / 86400:.1f} days"
     click.echo(f"{len(table)} trials: {summary}; time left about {left}")
+    waiting = waiting_line(folder)
+    if waiting:
+        click.echo(f"waiting: {waiting}")
 
 
 @cli.command()
@@ -178,7 +220,7 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
     from .report.tables import TABLES, write_tables
 
     for option, given, known in (("--figure", figures, FIGURES), ("--table", tables, TABLES)):
-        for name in given:
+        for name in given:  # the registries are the lists of names
             if name not in (*known, "all"):
                 raise ConfigError(f"{option} {name!r} is unknown; choose from "
                                   f"{', '.join(known)} or all")
@@ -228,12 +270,97 @@ def evaluate(run_dir: str, n_examples: int | None, device: str | None) -> None:
     click.echo(f"AutoAttack added for {len(done)} trial(s)")
 
 
+@cli.command()
+@click.option("--model", default="preact18", show_default=True,
+              help="Architecture, as in a trial config (preact_small for a quick CPU run).")
+@click.option("--width", type=click.IntRange(min=1), default=16, show_default=True,
+              help="preact_small only: width of the first stage.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              show_default=True, help="The project's step; the reference loop stays fp32.")
+@click.option("--intervention", "interventions", multiple=True, metavar="NAME",
+              help="none, fix_lr, fix_param, awp or awp_full. Repeatable (default: all five).")
+@click.option("--layers", default="3,4", show_default=True,
+              help="Layer groups of the layer-wise interventions.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="PGD steps of the training attack, in both loops.")
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed batches per repeat and loop.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved repeats (min and median are over these).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed batches per loop first.")
+@click.option("--split/--no-split", default=True, show_default=True,
+              help="Also time one small epoch: train, logging forward, evaluation, checkpoint.")
+@click.option("--split-batches", type=click.IntRange(min=1), default=None,
+              help="Training batches of the split's epoch (default: --batches).")
+@click.option("--eval-images", type=click.IntRange(min=1), default=None,
+              help="Train-eval and test images of the split's evaluation (default: a fifth of "
+                   "its training images, CIFAR-10's proportion).")
+@click.option("--trials-per-gpu", default="1,2,4", show_default=True, metavar="K,K,...",
+              help="CUDA only: run K processes training at once on the GPU, for each K "
+                   "('none' to skip).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads (default: 1 on the CPU, for repeatable numbers).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write every measurement to this JSON file.")
+def bench(model: str, width: int, batch_size: int, device: str, precision: str,
+          interventions: tuple[str, ...], layers: str, train_steps: int, batches: int,
+          repeats: int, warmup: int, split: bool, split_batches: int | None,
+          eval_images: int | None, trials_per_gpu: str, threads: int | None,
+          json_path: Path | None) -> None:
+    """Images/s of the project's training step against a Rice-style reference loop (PGD-AT as
+    in Rice et al.'s train_cifar.py, fp32, eager), per intervention, on random CIFAR-10-shaped
+    images; plus a per-epoch time split and, on CUDA, MFU, peak memory and trials per GPU."""
+    def int_list(option: str, text: str, allowed: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """'3,4' -> (3, 4); 'none' or '0' -> (); a one-line error naming the option otherwise."""
+        if text.strip().lower() in ("", "none", "0"):
+            return ()
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise ConfigError(f"{option} {text!r}: expected comma-separated integers, e.g. "
+                              "1,2,4") from None
+        if any(v < 1 or (allowed and v not in allowed) for v in values):
+            raise ConfigError(f"{option} {text!r}: each must be "
+                              + (f"one of {', '.join(map(str, allowed))}" if allowed else ">= 1"))
+        return values
+
+    from .config import INTERVENTIONS, MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    for name in interventions:
+        if name not in INTERVENTIONS:
+            raise ConfigError(f"--intervention {name!r} is not one of {', '.join(INTERVENTIONS)}")
+    layer_set = int_list("--layers", layers, (1, 2, 3, 4))
+    counts = int_list("--trials-per-gpu", trials_per_gpu)
+    from .bench import DEFAULT_INTERVENTIONS, BenchOptions, format_report, run_bench
+    from .io import save_json  # torch loads here, so --help and option errors stay fast
+
+    opts = BenchOptions(
+        model=model, width=width, batch_size=batch_size, device=device, precision=precision,
+        interventions=tuple(dict.fromkeys(interventions)) or DEFAULT_INTERVENTIONS,
+        layers=layer_set, train_steps=train_steps,
+        batches=batches, repeats=repeats, warmup=warmup, split=split,
+        split_batches=split_batches, eval_images=eval_images,
+        trials_per_gpu=counts, threads=threads)
+    result = run_bench(opts, echo=lambda message: click.echo(message, err=True))
+    for line in format_report(result):
+        click.echo(line)
+    if json_path is not None:
+        save_json(result, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
         cli.main(args=argv, prog_name="ablate", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort:  # Ctrl-C; every command resumes where it stopped
+        click.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as err:
         hint = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) else ""

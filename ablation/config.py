@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, fields
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from . import layers as layer_groups
-from .errors import ConfigError
+from .errors import ConfigError, quote
 from .layers import LAYER_WISE
 
 DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
@@ -30,9 +31,11 @@ PRECISIONS = ("fp32", "bf16")
 LR_UPDATES = ("iteration", "epoch")
 MODEL_MODES = ("train", "eval")
 
-# Fields that say where or on what a trial runs, not what it computes: they stay out of the key,
-# so a sweep moved to a cluster with another data path or device resumes instead of restarting.
-RUNTIME_FIELDS = ("data_root", "download", "device")
+# Fields that say where, on what or how fast a trial runs, not what it computes: they stay out of
+# the key, so a sweep moved to a cluster with another data path or device resumes instead of
+# restarting. The evaluation batch size only groups eval-mode attacks, which are independent per
+# image; channels_last only changes the memory layout (both: equal up to float rounding).
+RUNTIME_FIELDS = ("data_root", "download", "device", "test_batch_size", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class TrialConfig:
     awp_warmup: int | None = None  # 0; SVHN Linf AT: 5; TRADES and VGG-16: 10 (A.5)
     epochs: int = 200
     batch_size: int = 128
-    test_batch_size: int = 128
+    test_batch_size: int = 128  # eval-mode batches; on a GPU, 1024+ is faster (a runtime field)
     lr_max: float | None = None  # 0.1; SVHN 0.01 (A.2)
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where the LR drops x0.1
     lr_update: str | None = None  # AT: every iteration (A.2); TRADES: per epoch, as its code does
@@ -71,6 +74,7 @@ class TrialConfig:
     train_eval_size: int = 10_000  # fixed train subset attacked in eval mode each epoch (A.8)
     device: str = "auto"
     precision: str = "fp32"
+    channels_last: bool = False  # NHWC memory layout on CUDA (faster convolutions; runtime field)
 
     def __post_init__(self) -> None:
         for name, value in _paper_defaults(self).items():
@@ -122,7 +126,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrialConfig:
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {key!r}; allowed: {', '.join(known)}")
+            raise ConfigError(f"{source}: unknown key {quote(key)}; allowed: {', '.join(known)}")
         values[key] = _coerce(key, value, hints[key], source)
     try:
         return TrialConfig(**values)
@@ -130,17 +134,83 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> TrialConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file with the safe loader; unreadable or invalid files are a ConfigError."""
-    path = Path(path)
+# A trial or sweep file is a few KB (the largest in sweeps/ is 2 KB); PyYAML's pure-Python parser
+# takes about a second per 100 KB of nested lists, so this bounds a file's parse to a few seconds.
+_MAX_YAML_BYTES = 256 * 1024
+# Values a document may stand for once its aliases are expanded: a shipped sweep is at most 60,
+# while a 500-byte "billion laughs" file stands for 9^9 strings, which any later pass would walk.
+_MAX_YAML_VALUES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing a document whose aliases expand past ``_MAX_YAML_VALUES`` values
+    or refer to a value that contains them."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node, {}, set()) > _MAX_YAML_VALUES:
+            raise ConfigError(f"its aliases (*name) expand to more than {_MAX_YAML_VALUES:,} "
+                              "values; write the values out")
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values ``node`` stands for with every alias expanded (memoised per node, so a
+    shared node costs one visit however often it is referred to)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ConfigError("an alias (*name) refers to a value that contains it")
+    open_.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(id(node))
+    return sizes[id(node)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with the safe loader (no tags run code, no alias bombs); whatever is wrong
+    with it is one ConfigError line naming ``source``."""
     try:
-        return yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        loader = _Loader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML") from None
+        raise ConfigError(f"{source}:{where} not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+    except ValueError as err:  # a date such as 2024-13-01, an integer of over 4,300 digits
+        raise ConfigError(f"{source}: not valid YAML ({str(err).split(':')[0][:80]})") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with ``parse_yaml``; unreadable, oversized or non-UTF-8 files are a
+    ConfigError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    if len(raw) > _MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {_MAX_YAML_BYTES // 1024} KB; a trial or sweep "
+                          "file is a few KB (is it the right file?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); is it a YAML "
+                          "file?") from None
+    return parse_yaml(text, str(path))
 
 
 def load_trial(path: str | Path) -> TrialConfig:
@@ -150,6 +220,7 @@ def load_trial(path: str | Path) -> TrialConfig:
 
 
 _FRACTION = re.compile(r"^\s*([0-9.]+(?:e-?[0-9]+)?)\s*/\s*([0-9.]+)\s*$")
+_EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")  # 1e-3, 5E-4, 2.e+1
 
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
@@ -162,26 +233,32 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     origin = typing.get_origin(base)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: key {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: key {key!r} must be a list, got {quote(value)}")
         item = typing.get_args(base)[0]
         return tuple(_coerce(key, v, item, source) for v in value)
     if base is float:
         if isinstance(value, str) and (m := _FRACTION.match(value)):  # "8/255", as papers write it
-            value = float(m.group(1)) / float(m.group(2))
+            try:
+                value = float(m.group(1)) / float(m.group(2))
+            except (ValueError, ZeroDivisionError):  # "./255", "1/0"
+                raise ConfigError(f"{source}: key {key!r}: {quote(value)} is not a number or a "
+                                  "fraction such as 8/255") from None
+        elif isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-3 as text
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: key {key!r} must be a number, got {value!r}")
+            raise ConfigError(f"{source}: key {key!r} must be a number, got {quote(value)}")
         return float(value)
     if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: key {key!r} must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: key {key!r} must be an integer, got {quote(value)}")
         return value
     if base is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key {key!r} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: key {key!r} must be true or false, got {quote(value)}")
         return value
     if base is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: key {key!r} must be a string, got {value!r}")
+            raise ConfigError(f"{source}: key {key!r} must be a string, got {quote(value)}")
         return value
     raise TypeError(f"no coercion for field type {hint}")  # a bug in this module, not user input
 
@@ -213,9 +290,14 @@ def _paper_defaults(c: TrialConfig) -> dict[str, Any]:
     }
 
 
+# Every float of a trial reaches a float32 tensor or optimizer scalar (bf16 shares the range);
+# torch refuses a larger one mid-run ("value cannot be converted to type float without overflow").
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"key {name!r}: {value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"key {name!r}: {quote(value)} is not one of {', '.join(allowed)}")
 
 
 def _validate(c: TrialConfig) -> None:
@@ -229,7 +311,8 @@ def _validate(c: TrialConfig) -> None:
     _choice("train_attack_mode", c.train_attack_mode, MODEL_MODES)
     _choice("log_pass_mode", c.log_pass_mode, MODEL_MODES)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
-        raise ConfigError(f"key 'device': {c.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"key 'device': {quote(c.device)} is not one of auto, cpu, cuda, cuda:N, "
+                          "mps")
     if c.intervention in LAYER_WISE:
         if not c.layers:
             raise ConfigError(f"key 'layers': intervention {c.intervention!r} needs a non-empty "
@@ -238,25 +321,36 @@ def _validate(c: TrialConfig) -> None:
         object.__setattr__(c, "layers", layer_groups.parse(c.layers, "key 'layers'"))
     elif c.layers:
         raise ConfigError(f"key 'layers': intervention {c.intervention!r} takes no layer subset "
-                          f"(got {list(c.layers)}); use [] or leave it out")
+                          f"(got {quote(list(c.layers))}); use [] or leave it out")
+    for f in fields(c):
+        value = getattr(c, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"key {f.name!r}: must be a finite number, got {v!r}")
+            if isinstance(v, float) and abs(v) > _FLOAT32_MAX:
+                raise ConfigError(f"key {f.name!r}: {v!r} is beyond float32's range (3.4e38), "
+                                  "in which training computes")
     positive = {"eps": c.eps, "step": c.step, "lr_max": c.lr_max, "epochs": c.epochs,
                 "batch_size": c.batch_size, "test_batch_size": c.test_batch_size,
                 "train_steps": c.train_steps, "test_steps": c.test_steps,
                 "width": c.width, "blocks": c.blocks}
     for name, value in positive.items():
         if not value > 0:
-            raise ConfigError(f"key {name!r}: must be > 0, got {value!r}")
+            raise ConfigError(f"key {name!r}: must be > 0, got {quote(value)}")
     nonneg = {"awp_gamma": c.awp_gamma, "awp_warmup": c.awp_warmup, "trades_beta": c.trades_beta,
               "weight_decay": c.weight_decay, "train_eval_size": c.train_eval_size,
               "seed": c.seed}
     for name, value in nonneg.items():
         if not value >= 0:
-            raise ConfigError(f"key {name!r}: must be >= 0, got {value!r}")
+            raise ConfigError(f"key {name!r}: must be >= 0, got {quote(value)}")
+    if c.seed >= 2**32:
+        raise ConfigError(f"key 'seed': must be below 2**32 (NumPy's seed range), got "
+                          f"{quote(c.seed)}")
     if not 0 <= c.momentum < 1:
         raise ConfigError(f"key 'momentum': must be in [0, 1), got {c.momentum!r}")
     if c.threat == "linf" and c.eps >= 1:
         raise ConfigError(f"key 'eps': {c.eps!r} is not below 1; Linf eps is in [0,1] pixel units "
                           "(write 8/255, not 8)")
     if any(not 0 < m < 1 for m in c.milestones) or list(c.milestones) != sorted(c.milestones):
-        raise ConfigError(f"key 'milestones': {list(c.milestones)} must be increasing fractions "
-                          "of the run in (0, 1)")
+        raise ConfigError(f"key 'milestones': {quote(list(c.milestones))} must be increasing "
+                          "fractions of the run in (0, 1)")

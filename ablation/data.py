@@ -1,8 +1,9 @@
 """Datasets held whole on the device as uint8 tensors, and batch-wise augmentation on the device.
 
 Batches are sliced from the tensors and augmented as whole batches (airbench-style); there is no
-DataLoader. CIFAR-10/100 and SVHN are read through torchvision's own classes (pickle / loadmat);
-``digits`` and ``synthetic`` need no files and exist for CPU demos and tests.
+DataLoader. CIFAR-10/100 are read from their python-version pickles by an unpickler that admits
+only what those files hold, SVHN through torchvision's class (scipy's loadmat); ``datafiles.py``
+names the files. ``digits`` and ``synthetic`` need no files and exist for CPU demos and tests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torchvision import datasets as tvd
 
 from .config import DATASETS
-from .errors import ConfigError, DataError
+from .datafiles import LAYOUTS, check_data, expected_files, missing_path
+from .errors import ConfigError, DataError, quote
 
 
 @dataclass(frozen=True)
@@ -72,127 +74,152 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# torchvision classes with an existence-only integrity check.
+# CIFAR: the python-version pickles, read with an unpickler that admits only what they hold.
 #
-# torchvision compares md5 sums of the extracted files before every load, which refuses any file
-# that is not byte-identical to the official release (our small test files included). Downloads
-# keep their md5 check: download_and_extract_archive / download_url verify the archive itself.
+# A pickle can call any function it names, so torchvision's plain pickle.load runs whatever a
+# crafted batch file asks. The official files (written by Python 2 and numpy 1) hold dicts, lists,
+# strings and ints, and one uint8 array each, rebuilt by numpy's three globals below.
+
+# numpy's array reconstructor, under the module name of whichever numpy wrote the file.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
 
 
-def _exists(path: str) -> bool:
-    return os.path.isfile(path)
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How Python 3 pickles bytes at protocol 2 (``_codecs.encode(text, 'latin1')``): that call
+    and no other encoding."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {quote(encoding)}")
+    return text.encode("latin1")
 
 
-class _CIFAR10(tvd.CIFAR10):
-    def _check_integrity(self) -> bool:
-        return all(_exists(os.path.join(self.root, self.base_folder, name))
-                   for name, _ in self.train_list + self.test_list)
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the official files
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the same, pickled by numpy 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,  # bytes pickled by Python 3 (the tests' files)
+}
 
-    def _load_meta(self) -> None:
-        # The base class md5-checks the meta file here, outside _check_integrity; keep reading
-        # it (the class names are unused) so that a missing or corrupt meta file still fails.
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle naming a global that no CIFAR file holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return _CIFAR_GLOBALS[module, name]
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200] or type(err).__name__
+    return f"{type(err).__name__}: {text}"
+
+
+def _unpickle_cifar(name: str, path: Path) -> dict:
+    """One CIFAR pickle as a dict with str keys (latin1, as torchvision reads them)."""
+    try:
         with open(path, "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except _Refused as err:
+        raise DataError(f"{name}: refusing {path}: it calls {quote(str(err))}, which no CIFAR "
+                        "file does (put the official file there)") from None
+    except Exception as err:  # a foreign file fails in any of pickle's many ways: one line
+        raise DataError(f"{name}: cannot read {path} ({_one_line(err)})") from err
+    if not isinstance(entry, dict):
+        raise DataError(f"{name}: {path} holds a {type(entry).__name__}, not a CIFAR dict "
+                        "(put the official file there)")
+    return entry
 
 
-class _CIFAR100(_CIFAR10, tvd.CIFAR100):
-    pass
+# The label list of a batch file and the class-name list of the meta file, per dataset.
+_CIFAR_KEYS = {"cifar10": ("labels", "label_names"),
+               "cifar100": ("fine_labels", "fine_label_names")}
+
+
+def _read_cifar_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one batch file."""
+    entry = _unpickle_cifar(name, path)
+    label_key = _CIFAR_KEYS[name][0]
+    data, labels = entry.get("data"), entry.get(label_key)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+            or data.shape[1] != 3 * 32 * 32 or not isinstance(labels, list)
+            or len(labels) != len(data) or not all(type(v) is int for v in labels)):
+        raise DataError(f"{name}: {path} is not a CIFAR batch (expected 'data', uint8 of shape "
+                        f"(N, 3072), and N integer '{label_key}'; put the official file there)")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)  # rows are C, H, W
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> tuple[np.ndarray, ...]:
+    if download and missing_path(name, root) is not None:
+        source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        try:  # torchvision checks the archive's md5
+            tvd.utils.download_and_extract_archive(source.url, str(root),
+                                                   filename=source.filename, md5=source.tgz_md5)
+        except Exception as err:  # network, disk and archive errors alike: one line
+            raise DataError(f"{name}: download into {root} failed ({_one_line(err)}); put the "
+                            f"extracted dataset at {missing_path(name, root)} instead") from err
+    check_data(name, root, download=False)
+    layout = LAYOUTS[name]
+    folder = root / layout.folder
+    for meta in layout.meta:  # the class names are unused; a complete copy has them
+        if not isinstance(_unpickle_cifar(name, folder / meta).get(_CIFAR_KEYS[name][1]), list):
+            raise DataError(f"{name}: {folder / meta} has no '{_CIFAR_KEYS[name][1]}' list "
+                            "(put the official file there)")
+    arrays = []
+    for split in (layout.train, layout.test):
+        batches = [_read_cifar_batch(name, folder / f) for f in split]
+        arrays += [np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])]
+    return tuple(arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# SVHN: torchvision's class (scipy's loadmat, not pickle) with an existence-only integrity check.
+#
+# torchvision compares md5 sums of the files before every load, which refuses any file that is
+# not byte-identical to the official release (our small test files included). Downloads keep
+# their md5 check: download_url verifies the file itself.
 
 
 class _SVHN(tvd.SVHN):
     def _check_integrity(self) -> bool:
-        return _exists(os.path.join(self.root, self.filename))
+        return os.path.isfile(os.path.join(self.root, self.filename))
 
     def download(self) -> None:
-        # The base class re-downloads whenever the md5 differs; like CIFAR, keep files present.
+        # The base class re-downloads whenever the md5 differs; keep files that are present.
         if not self._check_integrity():
             super().download()
 
 
-_CIFAR_CLASSES = {"cifar10": _CIFAR10, "cifar100": _CIFAR100}
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text}"
-
-
-def _expected_files(name: str, root: Path) -> list[Path]:
-    if name == "svhn":
-        return [root / _SVHN.split_list[s][1] for s in ("train", "test")]
-    cls = _CIFAR_CLASSES[name]
-    folder = root / cls.base_folder
-    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    return [folder / n for n in names]
-
-
-def _missing_path(name: str, root: Path) -> Path | None:
-    """The first expected path that is absent (the CIFAR folder itself when it is missing)."""
-    if name != "svhn":
-        folder = root / _CIFAR_CLASSES[name].base_folder
-        if not folder.is_dir():
-            return folder
-    return next((p for p in _expected_files(name, root) if not p.is_file()), None)
-
-
-def _culprit(name: str, root: Path) -> Path:
+def _svhn_culprit(root: Path) -> Path:
     """Which file made a load fail: the first that does not read as the format expects."""
-    files = _expected_files(name, root)
-    if name == "svhn":
-        import scipy.io
+    import scipy.io
 
-        for path in files:
-            try:
-                mat = scipy.io.loadmat(path)
-                if mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
-                    return path
-                if mat["y"].size != mat["X"].shape[3]:
-                    return path
-            except Exception:
-                return path
-        return root
-    label_key = "labels" if name == "cifar10" else "fine_labels"
-    for path in files:
+    for path in expected_files("svhn", root):
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            if path.name == _CIFAR_CLASSES[name].meta["filename"]:
-                entry[_CIFAR_CLASSES[name].meta["key"]]
-                continue
-            data = np.asarray(entry["data"])
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            mat = scipy.io.loadmat(path)
+            if mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
                 return path
-            if len(entry[label_key]) != len(data):
+            if mat["y"].size != mat["X"].shape[3]:
                 return path
-        except Exception:
+        except Exception:  # any reading failure names this file
             return path
-    return root / _CIFAR_CLASSES[name].base_folder
+    return root
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> tuple[np.ndarray, ...]:
-    missing = _missing_path(name, root)
-    if missing is not None and not download:
-        what = "the .mat files" if name == "svhn" else "the extracted dataset"
-        raise DataError(f"{name}: no data at {missing} (put {what} there or set download: true)")
+def _load_svhn(root: Path, download: bool) -> tuple[np.ndarray, ...]:
+    check_data("svhn", root, download)
     try:
-        if name == "svhn":
-            # Only 'train' (73,257) and 'test' (26,032); never 'extra' (docs/method.md).
-            splits = [_SVHN(str(root), split=s, download=download) for s in ("train", "test")]
-            arrays = [(s.data, s.labels) for s in splits]  # data already N, C, H, W; 10 -> 0
-        else:
-            cls = _CIFAR_CLASSES[name]
-            splits = [cls(str(root), train=t, download=download) for t in (True, False)]
-            arrays = [(s.data.transpose(0, 3, 1, 2), s.targets) for s in splits]  # NHWC -> NCHW
-    except Exception as err:
-        missing = _missing_path(name, root)
+        splits = [_SVHN(str(root), split=s, download=download) for s in ("train", "test")]
+    except Exception as err:  # scipy's, torchvision's and the network's errors alike: one line
+        missing = missing_path("svhn", root)
         if missing is not None:  # the download itself failed
-            raise DataError(f"{name}: download into {root} failed ({_one_line(err)}); "
-                            f"put the extracted dataset at {missing} instead") from err
-        raise DataError(f"{name}: cannot read {_culprit(name, root)} ({_one_line(err)})") from err
-    (train_x, train_y), (test_x, test_y) = arrays
-    return (np.ascontiguousarray(train_x), np.asarray(train_y, dtype=np.int64),
+            raise DataError(f"svhn: download into {root} failed ({_one_line(err)}); "
+                            f"put the .mat files at {missing} instead") from err
+        raise DataError(f"svhn: cannot read {_svhn_culprit(root)} ({_one_line(err)})") from err
+    (train_x, train_y), (test_x, test_y) = [(s.data, s.labels) for s in splits]  # N, C, H, W
+    return (np.ascontiguousarray(train_x), np.asarray(train_y, dtype=np.int64),  # 10 -> 0 done
             np.ascontiguousarray(test_x), np.asarray(test_y, dtype=np.int64))
 
 
@@ -241,8 +268,10 @@ def load_data(name: str, root: str | Path, download: bool) -> Data:
         arrays = _load_digits()
     elif name == "synthetic":
         arrays = _make_synthetic()
+    elif name == "svhn":
+        arrays = _load_svhn(Path(root).expanduser().resolve(), download)
     else:
-        arrays = _load_torchvision(name, Path(root).expanduser().resolve(), download)
+        arrays = _load_cifar(name, Path(root).expanduser().resolve(), download)
     train_x, train_y, test_x, test_y = arrays
     if info.mean is None:
         mean, std = _channel_stats(train_x)

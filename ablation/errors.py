@@ -1,5 +1,22 @@
 """Errors caused by what the user gave us: the CLI prints the one-line message and exits 2."""
 
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3  # deep enough for a list of layer subsets
+
+
+def quote(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters: reprlib stops at a few items
+    per level and a few levels, so a value of any size (a YAML alias bomb's 9^9 strings) costs
+    microseconds and stays on one short line. A value of a few items reads exactly as ``repr``."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 class AblateError(Exception):
     """Bad input (config, data, run folder). The message is one line naming the thing at fault."""

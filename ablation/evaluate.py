@@ -18,6 +18,7 @@ from .config import TrialConfig
 from .curves import best_last
 from .data import Data, load_data
 from .io import load_json, load_torch, save_json
+from .provenance import provenance
 from .trainer import build_trial_model, resolve_device
 
 
@@ -31,7 +32,8 @@ def write_summary(config: TrialConfig, workdir: str | Path, history: list[dict[s
     the same. ``data`` saves loading the dataset again when the caller holds it.
     """
     workdir = Path(workdir)
-    summary: dict[str, Any] = {"key": config.key, **best_last(history)}
+    summary: dict[str, Any] = {"key": config.key, **best_last(history),
+                               **provenance(resolve_device(config.device))}
     path = workdir / files.SUMMARY
     if not weights_changed and path.exists():
         summary.update({k: v for k, v in load_json(path).items() if "autoattack" in k})
@@ -99,6 +101,7 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
         summary.update(autoattack_trial(config, run.trial_dir(key), n, data))
         run.write_json(files.trial_file(key, files.SUMMARY), summary)
-        run.add_summary(config, summary)
+        run.rebuild_summaries()
         done.append(key)
+    run.rebuild_summaries()  # also repairs a table that an earlier stop left short
     return done

@@ -7,6 +7,7 @@ Run folder ``runs/<sweep>/``::
     curves/<key>.parquet    one row per (trial, epoch), every identifying config field as columns
     summary.parquet         one row per finished trial: best / last / diff (+ AutoAttack)
     state.json              per-trial state and the driver's heartbeat, for ``ablate status``
+    .driver.lock            held by the one running driver; names it (pid, host, start)
     trials/<key>/           the trial folder of each trial
 
 Trial folder::
@@ -24,6 +25,7 @@ CURVES_DIR = "curves"
 SUMMARY_TABLE = "summary.parquet"
 STATE = "state.json"
 TRIALS_DIR = "trials"
+DRIVER_LOCK = ".driver.lock"  # held by the running driver (store.DriverLock); never pushed
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"

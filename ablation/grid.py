@@ -20,7 +20,7 @@ from typing import Any
 
 from . import layers
 from .config import TrialConfig, from_dict, read_yaml
-from .errors import ConfigError
+from .errors import ConfigError, quote
 from .layers import LAYER_WISE
 
 TOP_LEVEL = ("name", "description", "autoattack", "base", "grid", "baselines", "overrides")
@@ -63,22 +63,22 @@ def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
                           f"got {type(raw).__name__}")
     for key in raw:
         if key not in TOP_LEVEL:
-            raise ConfigError(f"{source}: unknown top-level key {key!r}; allowed: "
+            raise ConfigError(f"{source}: unknown top-level key {quote(key)}; allowed: "
                               f"{', '.join(TOP_LEVEL)}")
     name = raw.get("name")
     if name is None:
         raise ConfigError(f"{source}: key 'name' is missing; it names the run folder runs/<name>")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{source}: key 'name': {name!r} must use only a-z, 0-9 and _")
+        raise ConfigError(f"{source}: key 'name': {quote(name)} must use only a-z, 0-9 and _")
     description = raw.get("description")
     description = "" if description is None else description
     if not isinstance(description, str):
-        raise ConfigError(f"{source}: key 'description' must be text, got {description!r}")
+        raise ConfigError(f"{source}: key 'description' must be text, got {quote(description)}")
     autoattack = raw.get("autoattack")
     if autoattack is not None and (isinstance(autoattack, bool) or not isinstance(autoattack, int)
                                    or autoattack < 0):
-        raise ConfigError(f"{source}: key 'autoattack': {autoattack!r} must be an integer >= 0 "
-                          "(0 = all test images) or null")
+        raise ConfigError(f"{source}: key 'autoattack': {quote(autoattack)} must be an integer "
+                          ">= 0 (0 = all test images) or null")
     base = _fields(raw.get("base"), f"{source}: base")
     axes = _axes(raw.get("grid"), source)
     baselines = _baselines(raw.get("baselines"), source)
@@ -92,8 +92,8 @@ def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
     used = {d for d in datasets if isinstance(d, str)}
     for dataset in overrides:
         if dataset not in used:
-            raise ConfigError(f"{source}: overrides: key {dataset!r} is not the dataset of any "
-                              f"trial (datasets used: {', '.join(sorted(used))})")
+            raise ConfigError(f"{source}: overrides: key {quote(dataset)} is not the dataset of "
+                              f"any trial (datasets used: {', '.join(sorted(used))})")
     trials = tuple(from_dict({**m, **(overrides.get(d, {}) if isinstance(d, str) else {})},
                              source=source) for m, d in zip(merged, datasets))
     _check_unique(trials, source)
@@ -106,7 +106,7 @@ def _mapping(value: Any, where: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {quote(value)}")
     return value
 
 
@@ -115,7 +115,8 @@ def _fields(value: Any, where: str) -> dict[str, Any]:
     value = _mapping(value, where)
     for key in value:
         if key not in TRIAL_FIELDS:
-            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(TRIAL_FIELDS)}")
+            raise ConfigError(f"{where}: unknown key {quote(key)}; allowed: "
+                              f"{', '.join(TRIAL_FIELDS)}")
     return value
 
 
@@ -134,13 +135,13 @@ def _axes(grid: Any, source: str) -> dict[str, list[Any]]:
     axes = {}
     for key, values in _mapping(grid, f"{source}: grid").items():
         if key not in TRIAL_FIELDS:
-            raise ConfigError(f"{source}: grid: key {key!r} is not a trial field; allowed: "
+            raise ConfigError(f"{source}: grid: key {quote(key)} is not a trial field; allowed: "
                               f"{', '.join(TRIAL_FIELDS)}")
         if key == "layers":
             values = _layer_axis(values, source)
         elif not isinstance(values, list):
             raise ConfigError(f"{source}: grid: key {key!r} must be a list of values, "
-                              f"got {values!r}")
+                              f"got {quote(values)}")
         if not values:
             raise ConfigError(f"{source}: grid: key {key!r} is an empty list")
         axes[key] = values
@@ -158,7 +159,7 @@ def _layer_axis(values: Any, source: str) -> list[layers.Subset]:
         return list(layers.ALL_SUBSETS)
     if not isinstance(values, list) or not all(isinstance(s, list) for s in values):
         raise ConfigError(f"{source}: grid: key 'layers' must be 'all' or a list of subsets "
-                          f"such as [[3, 4], [4]], got {values!r}")
+                          f"such as [[3, 4], [4]], got {quote(values)}")
     return [layers.parse(subset, f"{source}: grid: key 'layers'") for subset in values]
 
 
@@ -167,8 +168,8 @@ def _baselines(value: Any, source: str) -> dict[str, dict[str, Any]]:
     out = {}
     for name, fields_ in _mapping(value, f"{source}: baselines").items():
         if not isinstance(fields_, dict):
-            raise ConfigError(f"{source}: baselines: key {name!r} must be a mapping of trial "
-                              f"fields such as {{intervention: none}}, got {fields_!r}")
+            raise ConfigError(f"{source}: baselines: key {quote(name)} must be a mapping of "
+                              f"trial fields such as {{intervention: none}}, got {quote(fields_)}")
         out[name] = _fields(fields_, f"{source}: baselines: {name}")
     return out
 

@@ -131,11 +131,9 @@ class AWP(Intervention):
                 w.add_(-self.gamma * v)
         self.v = None
 
-    def state_dict(self):
-        return {"proxy": self.proxy.state_dict()}
-
-    def load_state_dict(self, state):
-        self.proxy.load_state_dict(state["proxy"])
+    # No state to checkpoint: the proxy is reloaded from the model before every use and its SGD
+    # has no momentum, so a resumed trial rebuilds it exactly (checkpoints written before 0.2
+    # carry a "proxy" entry, which is ignored).
 
 
 INTERVENTIONS = {

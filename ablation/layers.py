@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, quote
 
 GROUPS = (1, 2, 3, 4)  # each architecture maps these to its parameters (models/, method B §8)
 
@@ -39,8 +39,9 @@ def parse(value: Any, where: str) -> Subset:
     if (not isinstance(value, (list, tuple)) or not value
             or any(type(g) is not int or g not in GROUPS for g in value)
             or len(set(value)) != len(value)):
-        raise ConfigError(f"{where}: {list(value) if isinstance(value, tuple) else value!r} is "
-                          f"not a non-empty subset of {list(GROUPS)} without repeats")
+        given = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{where}: {quote(given)} is not a non-empty subset of {list(GROUPS)} "
+                          "without repeats")
     return tuple(sorted(value))
 
 

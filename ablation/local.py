@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import pandas as pd
 import torch
 
 from . import files
-from .config import TrialConfig
+from .config import TrialConfig, load_trial
 from .curves import best_last
+from .errors import ConfigError, quote
 from .evaluate import write_summary
-from .io import save_parquet
+from .io import atomic_path, load_json, save_parquet
 from .trainer import Reporter, Trainer
 
 
@@ -55,15 +57,52 @@ class LocalReporter(Reporter):
             self.bar.close()
 
 
+def check_out_folder(config: TrialConfig, out: Path) -> None:
+    """Refuse, before anything is written, an output folder that cannot be written or whose
+    config.yaml or summary.json is another trial's or unreadable; the trainer refuses another
+    trial's checkpoint the same way."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{out}: cannot be the output folder, {existing} is a file; pass "
+                          "another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: cannot write into {existing}; pass another --out")
+    path = out / files.TRIAL_CONFIG
+    if path.exists():
+        try:
+            key = load_trial(path).key
+        except ConfigError as err:
+            raise ConfigError(f"{err} (delete that file or pass another --out)") from None
+        if key != config.key:
+            raise ConfigError(f"{path}: holds trial {key!r}, not {config.key!r}; use another "
+                              "output folder")
+    path = out / files.SUMMARY
+    if path.exists():
+        try:
+            key = load_json(path)["key"]
+        except (OSError, ValueError, TypeError, KeyError):  # unreadable, not JSON, no key
+            raise ConfigError(f"{path}: not a summary ablate wrote; delete it (training writes it "
+                              "again) or pass another --out") from None
+        if key != config.key:
+            raise ConfigError(f"{path}: holds trial {quote(key)}, not {config.key!r}; use another "
+                              "output folder")
+
+
 def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
                 threads: int | None, quiet: bool) -> None:
     """Train (or resume) one trial into ``out``; optionally AutoAttack its best and last weights."""
     out = (out or Path("runs") / "train" / config.key).resolve()
     if threads:
         torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / files.TRIAL_CONFIG).write_text(config.to_yaml())
-    trainer = Trainer(config, out)
+    check_out_folder(config, out)
+    trainer = Trainer(config, out)  # refuses another trial's checkpoint; writes nothing
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{out}: cannot create the output folder ({err.strerror}); pass "
+                          "another --out") from None
+    with atomic_path(out / files.TRIAL_CONFIG) as tmp:
+        tmp.write_text(config.to_yaml())
     reporter = LocalReporter(out, quiet)
     if trainer.finished:
         click.echo(f"{config.key}: all {config.epochs} epochs already done in {out}", err=True)

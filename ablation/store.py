@@ -184,26 +184,41 @@ class RunDir:
         if self.remote:
             self.remote.delete(files.trial_file(key))
             self.remote.delete(files.curves_file(key))
-        table = self.summaries()
-        if len(table) and key in set(table.key):
-            self.write_parquet(files.SUMMARY_TABLE, table[table.key != key])
+        self.rebuild_summaries()
 
     def summaries(self) -> pd.DataFrame:
         path = self.root / files.SUMMARY_TABLE
         return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
-    def add_summary(self, config: TrialConfig, summary: dict[str, Any]) -> None:
-        """Put one trial's summary row in the table (replacing its old row). Held under a lock
-        file, because `ablate evaluate` may add rows while a sweep's driver does too; at a URI
-        the table is fetched again just before, which narrows that race to the upload time."""
-        with open(self.root / ".summary.lock", "w") as lock:
+    def rebuild_summaries(self, write: bool = True) -> pd.DataFrame:
+        """Make ``summary.parquet`` what the trial folders say: one row per trial whose
+        ``summary.json`` exists, in the manifest's order. The trial folders are the truth; the
+        table is derived, so a driver killed between a worker's summary and the table (or an
+        ``ablate evaluate`` stopped there) loses nothing: the next run, report or evaluate
+        rebuilds it. Written only when it changes (never with ``write=False``: readers such as
+        ``ablate report`` derive it without touching the folder). At a URI each summary is fetched
+        first, since another machine (``ablate evaluate``) may have written it."""
+        with open(self.root / ".summary.lock", "w") as lock:  # a driver and `evaluate` may race
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.sync(files.SUMMARY_TABLE)
-            table = self.summaries()
-            row = pd.DataFrame([{**config.columns(), **summary}])
-            table = pd.concat([table[table.key != config.key], row], ignore_index=True) \
-                if len(table) else row
-            self.write_parquet(files.SUMMARY_TABLE, table)
+            rows = []
+            for key, config in self.trials().items():
+                rel = files.trial_file(key, files.SUMMARY)
+                if self.remote:
+                    self.sync(rel)
+                path = self.root / rel
+                if not path.exists():
+                    continue
+                try:
+                    summary = load_json(path)
+                except (ValueError, UnicodeDecodeError):
+                    raise AblateError(f"{self.where(rel)}: not valid JSON; delete it to have the "
+                                      "trial's final numbers written again") from None
+                rows.append({**config.columns(), **summary})
+            table = pd.DataFrame(rows)
+            stored = self.summaries()
+            if write and not (len(table) == len(stored) and table.equals(stored)):
+                self.write_parquet(files.SUMMARY_TABLE, table)
+            return table
 
     # --- states -------------------------------------------------------------------------------
 
@@ -216,9 +231,10 @@ class RunDir:
             return {"trials": {}, "driver": None}
         return json.loads(self.state_path.read_text())
 
-    def write_states(self, trials: dict[str, str]) -> None:
-        """Per-trial states plus the driver's heartbeat (pid, host, time)."""
-        self.write_json(files.STATE, {"trials": trials, "driver": {
+    def write_states(self, trials: dict[str, str], waiting: str | None = None) -> None:
+        """Per-trial states, what pending trials wait for (one line, or None) and the driver's
+        heartbeat (pid, host, time)."""
+        self.write_json(files.STATE, {"trials": trials, "waiting": waiting, "driver": {
             "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}})
 
 
@@ -240,6 +256,7 @@ def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConf
                 f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
                 f"(e.g. {gone[0]}); undo the change or run it with another --storage")
     run.write_manifest(spec)
+    run.rebuild_summaries()  # a driver killed after a trial's summary.json lost only the row
     todo = {}
     for key, config in configs.items():
         folder = run.trial_dir(key)
@@ -308,3 +325,63 @@ def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
     running = sum(r["state"] == "running" for r in rows)
     eta = sum(seconds) / len(seconds) * remaining / max(running, 1) if seconds else None
     return pd.DataFrame(rows), eta
+
+
+# --- one driver per run folder (DriverLock) and what its trials wait for ------------------------
+
+
+class DriverLock:
+    """Held by the one driver (``ablate run``) of a run folder for its whole life.
+
+    An exclusive ``flock`` on ``.driver.lock`` in the folder (for a folder at a URI: in this
+    machine's mirror). The kernel drops it when its holder dies, however it dies, so the lock of a
+    dead driver is simply taken by the next one. The file also names its holder (pid, host,
+    start) for the refusal. Two drivers on two machines are refused only where the file system
+    shares flock locks between machines (NFSv4 does); on one URI from two machines they are not
+    detected, each having its own mirror.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path = run.root / files.DRIVER_LOCK
+        self.file = None
+
+    def __enter__(self) -> DriverLock:
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # not inherited by Ray's processes (PEP 446)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise AblateError(f"{self.run.location} is being run by {self.holder()}; stop it or "
+                              "wait for it to end") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "since": time.time()}) + "\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()  # releases the lock; the file stays, naming the last holder
+
+    def holder(self) -> str:
+        """The driver that holds the lock, in words (its file is written just after locking)."""
+        for _ in range(20):
+            try:
+                info = json.loads(self.path.read_text())
+                break
+            except ValueError:
+                time.sleep(0.05)
+        else:
+            return "another driver"
+        since = time.localtime(info["since"])
+        when = time.strftime("%H:%M" if since[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M",
+                             since)
+        return f"pid {info['pid']} on host {info['host']} since {when}"
+
+
+def waiting_line(run: RunDir) -> str | None:
+    """What the pending trials of a live driver wait for (resources, a slot), if anything."""
+    recorded = run.states()
+    return recorded.get("waiting") if _driver_alive(recorded["driver"]) else None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import files
-from .attacks import ThreatModel, pgd
+from .attacks import ThreatModel, pgd, random_start
 from .config import TrialConfig
 from .curves import best_last
 from .data import Data, DatasetInfo, augment, load_data
@@ -30,6 +30,7 @@ from .methods import build_method
 from .models import build_model
 
 CHECKPOINT_FORMAT = 1
+DIVERGENCE_CHECK = 50  # batches between reads of the on-device divergence flag
 
 
 class Reporter:
@@ -116,6 +117,11 @@ class Trainer:
             data = load_data(config.dataset, config.data_root, config.download)
         self.data = data.to(self.device)
         self.model = build_trial_model(config, self.data.info).to(self.device)
+        self.memory_format = (torch.channels_last if config.channels_last
+                              else torch.contiguous_format)
+        self.model.to(memory_format=self.memory_format)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.method = build_method(config)
         self.intervention = build_intervention(self.model, config)
         self.optimizer = torch.optim.SGD(self.intervention.param_groups(), lr=config.lr_max,
@@ -166,7 +172,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _batch(self, x: Tensor) -> Tensor:
-        return x.float().div_(255)
+        return x.float().div_(255).contiguous(memory_format=self.memory_format)
 
     def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, float]:
         """One pass over the shuffled, augmented training set; running train metrics (A.8)."""
@@ -176,6 +182,8 @@ class Trainer:
         batches = math.ceil(n / cfg.batch_size)  # no drop_last: the last batch is smaller (B §1.1)
         order = torch.randperm(n, device=self.device)
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=self.device)
+        lrs: list[float] = []
         for i in range(batches):
             lr = learning_rate(cfg, schedule_time(cfg, epoch, i, batches))
             for group in opt.param_groups:
@@ -185,9 +193,13 @@ class Trainer:
             x = augment(self._batch(self.data.train_x[idx]), cfg.dataset)
             y = self.data.train_y[idx]
             loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"trial {cfg.key}: training loss became {loss.item()} at "
-                                       f"epoch {epoch}, batch {i} (lr {lr:g})")
+            # The first batch whose loss is not finite, kept on the device: reading it every
+            # batch would stall a GPU on a host sync; it is read every DIVERGENCE_CHECK batches.
+            bad = ~torch.isfinite(loss)
+            first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+            lrs.append(lr)
+            if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == batches:
+                self._stop_if_diverged(first_bad, epoch, lrs)
             sums += torch.stack([
                 F.cross_entropy(logits_adv.detach().float(), y, reduction="sum"),
                 (logits_adv.argmax(1) == y).sum(),
@@ -201,6 +213,12 @@ class Trainer:
                 "train_loss": clean_loss, "train_acc": clean_acc,
                 "train_robust_loss": robust_loss, "train_robust_acc": robust_acc,
                 "train_seconds": time.perf_counter() - start}
+
+    def _stop_if_diverged(self, first_bad: Tensor, epoch: int, lrs: list[float]) -> None:
+        batch = int(first_bad)  # the one host sync of the check
+        if batch >= 0:
+            raise TrainingDiverged(f"trial {self.config.key}: the training loss stopped being "
+                                   f"finite at epoch {epoch}, batch {batch} (lr {lrs[batch]:g})")
 
     def train_step(self, epoch: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Attack, update and log one batch (B §3.2); returns (loss, logits on x_adv, logits on x).
@@ -250,14 +268,19 @@ class Trainer:
         return out
 
     def attack_metrics(self, images: Tensor, labels: Tensor, steps: int) -> dict[str, float]:
-        """Clean and PGD-``steps`` loss and accuracy of the model in eval mode."""
+        """Clean and PGD-``steps`` loss and accuracy of the model in eval mode.
+
+        The random starts of all images are drawn at once, so each image's attack (independent
+        of its batch-mates in eval mode) is the same whatever ``test_batch_size`` groups it with.
+        """
         self.model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         bs = self.config.test_batch_size
+        starts = random_start(self._batch(images), self.eval_threat)
         for i in range(0, len(labels), bs):
             x, y = self._batch(images[i:i + bs]), labels[i:i + bs]
             with self._autocast():
-                x_adv = pgd(self.model, x, y, self.eval_threat, steps)
+                x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=starts[i:i + bs])
                 with torch.no_grad():
                     logits_nat, logits_adv = self.model(x).float(), self.model(x_adv).float()
             sums += torch.stack([
@@ -286,7 +309,8 @@ class Trainer:
             state = load_torch(self.checkpoint_path)
         except Exception as err:  # a torn file cannot happen (atomic writes), a foreign one can
             raise ConfigError(f"{self.checkpoint_path}: not a readable ablate checkpoint "
-                              f"({type(err).__name__})") from None
+                              f"({type(err).__name__}); move it away or use another output "
+                              "folder") from None
         if state.get("key") != self.config.key:
             raise ConfigError(f"{self.checkpoint_path}: holds trial {state.get('key')!r}, not "
                               f"{self.config.key!r}; use another output folder")

@@ -164,10 +164,10 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
                 trainer.fit(Store(config, stop_after.get(i)))
             except StopIteration:
                 continue
-            summary = write_summary(config, trainer.workdir, trainer.history,
-                                    autoattack=spec.autoattack, data=trainer.data)
+            write_summary(config, trainer.workdir, trainer.history,
+                          autoattack=spec.autoattack, data=trainer.data)
             run.push(run.trial_dir(config.key) / files.SUMMARY)
-            run.add_summary(config, summary)
+            run.rebuild_summaries()
     finally:
         torch.set_num_threads(threads)
     return run.root

@@ -1,6 +1,8 @@
 """``ablate train`` through a real subprocess: outputs, resume after SIGKILL, one-line errors."""
 
 import json
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -124,3 +126,135 @@ def test_help_explains_every_option():
     assert done.returncode == 0
     for option in ("--out", "--autoattack", "--set", "--threads", "--quiet"):
         assert option in done.stdout
+
+
+# ------------------------------------------------------------ malformed input, as the user meets it
+
+BOMB = ("[" + ", ".join(['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+                        + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+                        + ["[" + ", ".join(["*a7"] * 9) + "]"]) + "]")  # 9^9 strings in 473 bytes
+
+
+def _file(tmp, name, data):
+    (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return tmp / name
+
+
+def _trial(tmp, text="", **fields):
+    return _file(tmp, "t.yaml", yaml.safe_dump(tiny_trial(**fields)) + text)
+
+
+def _checkpoint_of(key):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "key": key}, buffer)
+    return buffer.getvalue()
+
+
+class _Call:
+    """Unpickles as ``function(*args)``: what a crafted pickle can make any loader run."""
+
+    def __init__(self, function, *args):
+        self.reduced = function, args
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _crafted_cifar(tmp):
+    """A CIFAR-10 folder whose first batch runs ``touch <tmp>/ran`` when unpickled."""
+    from conftest import write_fake_dataset
+
+    write_fake_dataset("cifar10", tmp / "data", 10, 4)
+    crafted = {"data": _Call(os.system, f"touch {tmp / 'ran'}"), "labels": []}
+    _file(tmp, "data/cifar-10-batches-py/data_batch_1", pickle.dumps(crafted, protocol=2))
+    return tmp / "data"
+
+
+def _sweep(tmp, **base):
+    return _file(tmp, "s.yaml", yaml.safe_dump({"name": "s", "base": tiny_trial(**base),
+                                                "grid": {"seed": [0, 1]}}))
+
+
+def _train(tmp, trial, *args, out=None):
+    """``ablate train`` arguments with ``--out tmp/out`` (none would write under the cwd); with
+    ``out`` (file name -> bytes), that folder first holds a tiny trial's config.yaml and those."""
+    if out is not None:
+        (tmp / "out").mkdir()
+        for name, data in {"config.yaml": yaml.safe_dump(tiny_trial()), **out}.items():
+            _file(tmp / "out", name, data)
+    return ["train", trial, "--out", tmp / "out", *args]
+
+
+MALFORMED = {  # case -> (the arguments, given tmp_path; what the error line must hold)
+    "binary yaml": (lambda t: _train(t, _file(t, "t.yaml", b"epochs: 3\n\xff\xfe\x00")),
+                    "t.yaml: not UTF-8 text"),
+    "alias bomb": (lambda t: _train(t, _trial(t, f"milestones: {BOMB}\n")),
+                   "t.yaml: its aliases (*name) expand to more than"),
+    "alias bomb in --set": (lambda t: _train(t, _trial(t), "--set", f"milestones={BOMB}"),
+                            "its aliases (*name) expand"),
+    "--set not yaml": (lambda t: _train(t, _trial(t), "--set", "epochs=[1,"),
+                       "--set 'epochs=[1,': line 1 not valid YAML"),
+    "seed of 2^32": (lambda t: _train(t, _trial(t, seed=2**32)), "key 'seed'"),
+    "lr_max 1e300": (lambda t: _train(t, _trial(t, lr_max=1e300)), "key 'lr_max'"),
+    "l2 eps inf": (lambda t: _train(t, _trial(t, threat="l2", eps=float("inf"))), "key 'eps'"),
+    "eps 1/0": (lambda t: _train(t, _trial(t, eps="1/0")), "key 'eps': '1/0'"),
+    "no cifar data": (lambda t: _train(t, _trial(t, dataset="cifar10", data_root=str(t / "no"))),
+                      "cifar10: no data at"),
+    "--out under a file": (lambda t: ["train", _trial(t), "--out", _file(t, "f", "") / "out"],
+                           "f is a file"),
+    "corrupt summary.json": (lambda t: _train(t, _trial(t), out={"summary.json": b"{"}),
+                             "out/summary.json: not a summary ablate wrote"),
+    "corrupt config.yaml": (lambda t: _train(t, _trial(t), out={"config.yaml": b"\xff: ["}),
+                            "out/config.yaml: not UTF-8 text"),
+    "another trial's config.yaml": (lambda t: _train(t, _trial(t, seed=1), out={}),
+                                    "out/config.yaml: holds trial"),
+    "another trial's checkpoint": (
+        lambda t: _train(t, _trial(t), out={"checkpoint.pt": _checkpoint_of("other")}),
+        "out/checkpoint.pt: holds trial 'other'"),
+    "corrupt checkpoint": (lambda t: _train(t, _trial(t), out={"checkpoint.pt": b"x"}),
+                           "out/checkpoint.pt: not a readable ablate checkpoint"),
+    "crafted cifar pickle": (
+        lambda t: _train(t, _trial(t, dataset="cifar10", data_root=str(_crafted_cifar(t)))),
+        "data_batch_1: it calls 'posix.system'"),
+    "sweep alias bomb": (lambda t: ["run", _file(t, "s.yaml", f"name: s\nbase: {BOMB}\n")],
+                         "s.yaml: its aliases"),
+    "sweep without its data": (lambda t: ["run", _sweep(t, dataset="svhn", data_root=str(t)),
+                                          "--storage", t / "runs"], "svhn: no data at"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_input_is_one_error_line_and_changes_nothing(tmp_path, case):
+    make_args, needle = MALFORMED[case]
+    args = make_args(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    start = time.perf_counter()
+    done = ablate(*args)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert needle in lines[0], lines[0]
+    assert time.perf_counter() - start < 60
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "the command changed or wrote files"
+
+
+@pytest.mark.parametrize("case", ["seed of 2^32", "no cifar data", "sweep without its data"])
+def test_config_and_data_errors_come_before_torch_and_ray_load(tmp_path, case):
+    make_args, needle = MALFORMED[case]
+    code = ("import sys\nfrom ablation.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exit:\n"
+            "    print(exit.code, [m for m in ('torch', 'ray') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, make_args(tmp_path))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2 []" and needle in done.stderr, done.stdout + done.stderr
+
+
+def test_version_is_the_packages():
+    from importlib.metadata import version
+
+    done = ablate("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"ablate {version('ablation')}"

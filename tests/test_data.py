@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -116,6 +117,53 @@ def test_corrupt_file_is_a_one_line_error_naming_it(tmp_path, name, bad):
     assert str(tmp_path / bad) in str(err.value) and "\n" not in str(err.value)
 
 
+class _Touch:
+    """Unpickles as a call of os.system that creates ``marker``: what a crafted file can do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name, bad", [("cifar10", "cifar-10-batches-py/data_batch_2"),
+                                       ("cifar10", "cifar-10-batches-py/batches.meta"),
+                                       ("cifar100", "cifar-100-python/test")])
+def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path, name, bad):
+    write_fake_dataset(name, tmp_path, 10, 4, seed=0)
+    marker = tmp_path / "ran"
+    entry = {"data": _Touch(marker), "labels": [0], "fine_labels": [0], "label_names": []}
+    (tmp_path / bad).write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataError) as err:
+        load_data(name, tmp_path, download=False)
+    message = str(err.value)
+    assert not marker.exists(), "the pickle's call ran"
+    assert message.startswith(f"{name}: refusing {tmp_path / bad}: it calls 'posix.system'")
+    assert "\n" not in message
+
+
+def test_files_naming_numpy_1_reconstructor_load_as_the_official_ones_do(tmp_path):
+    # The official pickles (Python 2, numpy 1) name numpy.core.multiarray._reconstruct; the
+    # writer here, under numpy 2, names numpy._core. GLOBAL names a line of text, so swap it.
+    expected = write_fake_dataset("cifar10", tmp_path, 10, 4, seed=0)
+    for path in (tmp_path / "cifar-10-batches-py").iterdir():
+        raw = path.read_bytes()
+        path.write_bytes(raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+        assert b"numpy._core" not in path.read_bytes()
+    data = load_data("cifar10", tmp_path, download=False)
+    for got, want in zip((data.train_x, data.train_y, data.test_x, data.test_y), expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_a_cifar_file_of_another_shape_is_named(tmp_path):
+    write_fake_dataset("cifar100", tmp_path, 10, 4, seed=0)
+    entry = {"data": np.zeros((4, 100), np.uint8), "fine_labels": [0, 1, 2, 3]}
+    (tmp_path / "cifar-100-python" / "train").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataError, match=r"cifar-100-python/train is not a CIFAR batch"):
+        load_data("cifar100", tmp_path, download=False)
+
+
 def test_out_of_range_labels_are_a_data_error(tmp_path):
     import scipy.io
 
@@ -134,7 +182,7 @@ def test_download_only_when_files_are_missing(tmp_path, monkeypatch):
         calls.append(args)
         raise OSError("network unreachable")
 
-    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", fake_fetch)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", fake_fetch)
     monkeypatch.setattr("torchvision.datasets.svhn.download_url", fake_fetch)
     # Files present (with md5s unlike the official ones): no download is attempted.
     for name in FAKE_DATASETS:

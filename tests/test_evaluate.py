@@ -3,8 +3,7 @@
 import torch
 from torch import nn
 
-from ablation.attacks import ThreatModel
-from ablation.attacks import autoattack_accuracy
+from ablation.attacks import ThreatModel, autoattack_accuracy
 
 
 class Constant(nn.Module):
@@ -32,3 +31,19 @@ def test_a_linear_model_falls_to_a_large_eps_and_the_cap_is_honoured():
     y = model(x).argmax(1)  # clean accuracy 1 by construction
     assert autoattack_accuracy(model, x, y, ThreatModel("l2", 4.0, 0.1), n_examples=6) == 0.0
     assert model.training  # mode restored after the eval-mode attack
+
+
+def test_a_summary_records_what_the_trial_ran_on(tmp_path):
+    from conftest import tiny_trial
+
+    import ablation
+    from ablation.config import from_dict
+    from ablation.evaluate import write_summary
+    from ablation.trainer import Trainer
+
+    config = from_dict(tiny_trial(epochs=1))
+    trainer = Trainer(config, tmp_path)
+    summary = write_summary(config, tmp_path, trainer.fit())
+    assert summary["ablate_version"] == ablation.__version__ != "0+unknown"
+    assert summary["torch_version"] == torch.__version__ and summary["device_name"] == "cpu"
+    assert "git_commit" in summary

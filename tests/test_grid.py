@@ -178,6 +178,23 @@ def test_bad_sweeps_fail_with_one_line_naming_file_and_key(tmp_path, text, expec
     assert expected in message, message
 
 
+def test_a_sweep_alias_bomb_and_huge_values_give_one_short_line(tmp_path):
+    rows = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 6)]
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: bomb\ndescription: [" + ", ".join(rows) + "]\n")
+    with pytest.raises(ConfigError, match="expand to more than 100,000 values"):
+        load_sweep(path)  # 9^6 strings here; 9^9 took hours to print
+    huge = [["x" * 100] * 100] * 10
+    for raw in ({"name": "x" * 10**5}, {"name": "b", "description": huge},
+                {"name": "b", "grid": {"seed": huge[0][0]}}, {"name": "b", "grid": huge[0][0]},
+                {"name": "b", "grid": {"layers": huge}}, {"name": "b", "baselines": {"AT": huge}},
+                {"name": "b", "base": {"epochs": huge}}):
+        with pytest.raises(ConfigError) as err:
+            sweep_from_dict(raw, source="s.yaml")
+        assert len(str(err.value)) < 200, str(err.value)[:300]
+
+
 def test_a_sweep_of_baselines_only_runs_each_baseline_once():
     raw = yaml.safe_load("name: b\nbaselines: {AT: {}, AWP: {intervention: awp_full}}")
     sweep = sweep_from_dict(raw, source="b.yaml")

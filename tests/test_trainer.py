@@ -196,3 +196,48 @@ def test_bf16_training_loss_is_taken_at_the_awp_perturbed_weights(tmp_path, monk
             expected = F.cross_entropy(snapshot(x_adv), y).item()
         # CUDA may pick other convolution kernels for the copy: equal up to bf16 rounding there
         assert got == pytest.approx(expected, rel=0 if device == "cpu" else 1e-2)
+
+
+def test_divergence_is_reported_at_the_first_bad_batch_without_a_sync_per_batch(tmp_path,
+                                                                                monkeypatch):
+    # 64 images, batch 8: 8 batches; the loss turns NaN from batch 3 on. The flag stays on the
+    # device and is read at the end of the epoch (< DIVERGENCE_CHECK batches), naming batch 3.
+    trainer = Trainer(from_dict(tiny_trial(epochs=1, batch_size=8)), tmp_path)
+    loss_fn, calls = trainer.method.loss, []
+
+    def poisoned(model, x, x_adv, y):
+        loss, logits = loss_fn(model, x, x_adv, y)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 3 else loss), logits
+
+    monkeypatch.setattr(trainer.method, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 0, batch 3 "):
+        trainer.fit()
+    assert not (tmp_path / "checkpoint.pt").exists()  # nothing of the bad epoch was saved
+
+
+def test_channels_last_changes_speed_not_the_networks_numbers(tmp_path):
+    # Same weights, same batch: logits and weight gradients agree up to float rounding. (A whole
+    # step is not compared: PGD's sign() turns rounding into different examples.)
+    plain = Trainer(from_dict(tiny_trial(epochs=1)), tmp_path / "a")
+    fast = Trainer(from_dict(tiny_trial(epochs=1, channels_last=True)), tmp_path / "b")
+    x, y = plain._batch(plain.data.train_x[:64]), plain.data.train_y[:64]
+    grads = []
+    for trainer in (plain, fast):
+        trainer.model.train()
+        logits = trainer.model(x.contiguous(memory_format=trainer.memory_format))
+        F.cross_entropy(logits, y).backward()
+        grads.append((logits, {n: p.grad for n, p in trainer.model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-3, atol=1e-5)
+
+
+def test_eval_batch_size_changes_speed_not_results(tmp_path):
+    trainer = Trainer(from_dict(tiny_trial(epochs=1)), tmp_path)
+    out = []
+    for bs in (16, 1000):
+        trainer.config = trainer.config.replace(test_batch_size=bs)
+        torch.manual_seed(2)
+        out.append(trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 3))
+    assert out[0] == pytest.approx(out[1], rel=1e-5, abs=1e-6)

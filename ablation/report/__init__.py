@@ -6,12 +6,12 @@ Everything here reads only ``curves/``, ``summary.parquet`` and ``sweep.json`` o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from .. import files
 from ..errors import AblateError
 
 # The columns that tell trials apart in a report; a figure or table is made per combination of
@@ -71,18 +71,21 @@ def load_run(location: str | Path) -> Run:
     if it is not one or holds no curves yet."""
     from ..store import RunDir
 
-    root = RunDir.open(location).root
-    manifest = root / "sweep.json"
-    if not manifest.exists():
-        raise AblateError(f"{location}: not an ablate run folder (no sweep.json)")
-    if not any((root / "curves").glob("*.parquet")):
-        raise AblateError(f"{location}: no epoch has finished yet (curves/ is empty)")
-    stored = json.loads(manifest.read_text())
-    curves = pd.read_parquet(root / "curves").sort_values(["key", "epoch"]).reset_index(drop=True)
+    folder = RunDir.open(location)
+    root = folder.root
+    if not folder.exists():
+        raise AblateError(f"{location}: not an ablate run folder (no {files.SWEEP})")
+    if not any((root / files.CURVES_DIR).glob("*.parquet")):
+        raise AblateError(f"{location}: no epoch has finished yet ({files.CURVES_DIR}/ is empty)")
+    stored = folder.manifest()
+    curves = pd.read_parquet(root / files.CURVES_DIR).sort_values(["key", "epoch"])
+    curves = curves.reset_index(drop=True)
     done = curves.groupby("key").epoch.transform("count") >= curves.epochs
     curves["complete"] = done
-    summary_path = root / "summary.parquet"
-    summary = pd.read_parquet(summary_path) if summary_path.exists() else pd.DataFrame(
-        columns=["key", *SETTING, "intervention", "layers", "seed"])
+    # Derived from the trial folders, not read from summary.parquet, which a killed driver may
+    # have left short (the next run or evaluate rewrites it).
+    summary = folder.rebuild_summaries(write=False)
+    if summary.empty:
+        summary = pd.DataFrame(columns=["key", *SETTING, "intervention", "layers", "seed"])
     return Run(root=root, name=stored["name"], description=stored.get("description", ""),
                curves=_with_labels(curves), summary=_with_labels(summary))

@@ -1,0 +1,655 @@
+"""``ablate bench``: images/s of the project's training step against a Rice-style reference loop.
+
+Both loops train the same architecture (``build_model``, normalisation inside) on random uint8
+images of CIFAR-10's shape, in one process. For each intervention, repeats alternate between the
+two loops, each timing the same ``batches`` batches after a warm-up; the report gives the min and
+the median seconds per batch, images/s, and their ratio (project images/s / reference images/s).
+The data path is the same on both sides (uint8 batches already on the device, converted and
+augmented by the project's ``augment``), so the ratio measures the step alone; Rice's DataLoader
+is not modelled.
+
+The reference (``RiceStep``) is a transcription of the step in Rice et al.'s ``train_cifar.py``
+(https://github.com/locuslab/robust_overfitting): PGD-K whose input gradient comes from
+``loss.backward()`` (which fills every weight's ``.grad`` too), in train mode, then the forward
+that compares restarts, the training forward, backward and SGD step, and the clean logging forward
+in train mode with autograd on; fp32 and eager whatever ``precision`` the project's step uses.
+
+The per-epoch split runs the real ``Trainer.fit`` for one small epoch (train, evaluation,
+checkpoint) and times the clean logging forward apart; on CUDA the report adds the FLOPs of one
+step (``torch.utils.flop_counter``: matmul and convolution FLOPs only) as MFU against a peak from
+``PEAK_FLOPS``, the peak memory of each loop, and the images/s of several trials sharing the GPU,
+one process each. Library code reports progress only through the ``echo`` it is given.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import os
+import platform
+import queue as queue_module
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LAYER_WISE, TrialConfig, from_dict
+from .data import Data, augment, dataset_info
+from .errors import ConfigError, TrainingDiverged
+from .models import build_model
+from .trainer import Reporter, Trainer
+
+DATASET = "cifar10"  # the shapes, classes and mean/std of the benchmark's random images
+DEFAULT_INTERVENTIONS = ("none", "fix_lr", "fix_param", "awp", "awp_full")
+DEFAULT_LAYERS = (3, 4)
+SPLIT_PARTS = ("train", "logging_forward", "evaluation", "checkpoint")
+CIFAR_EPOCH = {"train": 50_000, "train_eval": 10_000, "test": 10_000}  # images per real epoch
+
+# Dense peak FLOP/s by device-name substring, first match wins (NVIDIA datasheets, without
+# sparsity). "fp32" is the plain (non-tensor-core) rate; "tf32" is what cuDNN's default
+# allow_tf32 gives fp32 convolutions. The H200 has the H100 SXM's compute (and "GH200" matches
+# "H200": its GPU is an H100 SXM-class part too).
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+)
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``ablate bench`` measures; the CLI's options, one field each."""
+
+    model: str = "preact18"
+    width: int = 16  # preact_small only
+    blocks: int = 1  # preact_small only
+    batch_size: int = 128
+    device: str = "auto"
+    precision: str = "fp32"  # the project's step; the reference stays fp32
+    interventions: tuple[str, ...] = DEFAULT_INTERVENTIONS
+    layers: tuple[int, ...] = DEFAULT_LAYERS  # for the layer-wise interventions
+    train_steps: int = 10  # PGD-K of both loops
+    batches: int = 20  # timed batches per repeat and loop
+    repeats: int = 5
+    warmup: int = 3  # untimed batches per loop before the repeats
+    split: bool = True
+    split_batches: int | None = None  # training batches of the split's epoch (default: batches)
+    eval_images: int | None = None  # train-eval and test images of the split (default: train/5)
+    test_steps: int = 20
+    trials_per_gpu: tuple[int, ...] = (1, 2, 4)
+    threads: int | None = None  # torch threads; None: 1 on the CPU, torch's choice on CUDA
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference loop
+
+
+class RiceStep:
+    """One training step of Rice et al.'s ``train_cifar.py`` (PGD-AT, one restart), fp32, eager.
+
+    Kept as their loop runs it, the costs the project removes included: the attack's
+    ``loss.backward()`` also computes every weight gradient, the model is in train mode
+    throughout (all K + 3 forwards update BatchNorm's running statistics), the restart-comparison
+    forward builds a graph it never uses, the logging forward runs with autograd on, and four
+    ``.item()`` calls per batch fill the running metrics.
+    """
+
+    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, lr: float,
+                 momentum: float = 0.9, weight_decay: float = 5e-4):
+        self.model, self.eps, self.alpha, self.steps = model, eps, alpha, steps
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                   weight_decay=weight_decay)
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # robust loss, robust acc, clean loss, clean acc
+
+    def _into_box(self, delta: Tensor, x: Tensor) -> Tensor:
+        return torch.max(torch.min(delta, 1 - x), -x)  # keep x + delta inside [0, 1]
+
+    def attack(self, x: Tensor, y: Tensor) -> Tensor:
+        """Linf PGD-K from a uniform start; returns the perturbation (``attack_pgd``)."""
+        delta = self._into_box(torch.zeros_like(x).uniform_(-self.eps, self.eps), x)
+        delta.requires_grad = True
+        for _ in range(self.steps):
+            loss = F.cross_entropy(self.model(x + delta), y)
+            loss.backward()  # the gradient on delta, and on every weight as a side effect
+            moved = (delta + self.alpha * delta.grad.detach().sign()).clamp(-self.eps, self.eps)
+            delta.data.copy_(self._into_box(moved, x))
+            delta.grad.zero_()
+        # The restart comparison: keep, per image, the delta whose final loss is highest. With one
+        # restart against a zero running maximum it keeps every image's delta, but the forward
+        # runs (and, with delta still requiring grad, records a graph).
+        max_loss = torch.zeros(len(y), device=x.device)
+        best = torch.zeros_like(x)
+        final_loss = F.cross_entropy(self.model(x + delta), y, reduction="none")
+        keep = final_loss >= max_loss
+        best[keep] = delta.detach()[keep]
+        return best
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        """Attack, train on the adversarial batch, then the clean logging forward."""
+        self.model.train()
+        delta = self.attack(x, y)
+        robust_out = self.model((x + delta).clamp(0, 1))
+        robust_loss = F.cross_entropy(robust_out, y)
+        self.opt.zero_grad()
+        robust_loss.backward()
+        self.opt.step()
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        n = len(y)
+        self.sums[0] += robust_loss.item() * n
+        self.sums[1] += (robust_out.max(1)[1] == y).sum().item()
+        self.sums[2] += loss.item() * n
+        self.sums[3] += (out.max(1)[1] == y).sum().item()
+
+
+def reference_for(config: TrialConfig, device: torch.device) -> RiceStep:
+    """The reference loop on the trial's architecture, attack and optimizer constants."""
+    info = dataset_info(config.dataset)
+    model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                        mean=info.mean, std=info.std, width=config.width,
+                        blocks=config.blocks).to(device)
+    return RiceStep(model, config.eps, config.step, config.train_steps, config.lr_max,
+                    config.momentum, config.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps, timings and their summary
+
+
+def random_data(n_train: int, n_test: int, seed: int, device: torch.device) -> Data:
+    """Random uint8 images and labels with CIFAR-10's shape, classes and mean/std, on ``device``."""
+    info = dataset_info(DATASET)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (info.in_channels, info.image_size, info.image_size)
+
+    def split(n: int) -> tuple[Tensor, Tensor]:
+        x = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
+        return x, torch.randint(0, info.num_classes, (n,), generator=gen)
+
+    (train_x, train_y), (test_x, test_y) = split(n_train), split(n_test)
+    return Data(info, train_x, train_y, test_x, test_y).to(device)
+
+
+def trial_config(opts: BenchOptions, intervention: str, device: torch.device,
+                 **changes: Any) -> TrialConfig:
+    """The trial whose step is timed: CIFAR-10 PGD-AT with the bench's model and sizes."""
+    return from_dict({
+        "dataset": DATASET, "model": opts.model, "width": opts.width, "blocks": opts.blocks,
+        "intervention": intervention,
+        "layers": list(opts.layers) if intervention in LAYER_WISE else [],
+        "batch_size": opts.batch_size, "train_steps": opts.train_steps,
+        "test_steps": opts.test_steps, "precision": opts.precision, "device": str(device),
+        "seed": opts.seed, "train_eval_size": 0, **changes}, source="bench")
+
+
+def project_step(trainer: Trainer) -> Callable[[Tensor, Tensor], None]:
+    """The project's per-batch work as ``train_epoch`` does it, on a uint8 batch.
+
+    The optimizer starts at lr_max in every group, the schedule's value at epoch 0, so no LR needs
+    setting. The finite-loss check is ``train_epoch``'s, with its one synchronisation per batch.
+    """
+    def step(images: Tensor, labels: Tensor) -> None:
+        x = augment(trainer._batch(images), trainer.config.dataset)
+        loss, _, _ = trainer.train_step(0, x, labels)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"bench: the project's training loss became {loss.item()}")
+    return step
+
+
+def reference_step(reference: RiceStep) -> Callable[[Tensor, Tensor], None]:
+    """The reference's per-batch work on a uint8 batch, with the same data path as the project's."""
+    def step(images: Tensor, labels: Tensor) -> None:
+        reference.step(augment(images.float().div_(255), DATASET), labels)
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(data: Data, batch_size: int, n: int) -> list[tuple[Tensor, Tensor]]:
+    return [(data.train_x[i * batch_size:(i + 1) * batch_size],
+             data.train_y[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+
+
+def _run(step: Callable[[Tensor, Tensor], None], batches: Sequence[tuple[Tensor, Tensor]],
+         count: int) -> None:
+    for i in range(count):
+        step(*batches[i % len(batches)])
+
+
+def time_per_batch(step: Callable[[Tensor, Tensor], None],
+                   batches: Sequence[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """Seconds per batch over ``batches``, the device synchronised at both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    _run(step, batches, len(batches))
+    _sync(device)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def timing_stats(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
+    """Min and median of per-batch seconds over the repeats, and the images/s they give."""
+    best, median = min(seconds), statistics.median(seconds)
+    return {"seconds_per_batch": list(seconds), "min_s": best, "median_s": median,
+            "images_per_s": batch_size / median, "images_per_s_best": batch_size / best}
+
+
+def compare(project_s: Sequence[float], reference_s: Sequence[float],
+            batch_size: int) -> dict[str, Any]:
+    """Both loops' statistics and the speed-ups: project images/s over reference images/s, of
+    the medians and of the minima (so a ratio above 1 means the project's step is faster)."""
+    project, reference = timing_stats(project_s, batch_size), timing_stats(reference_s, batch_size)
+    return {"project": project, "reference": reference,
+            "ratio_median": reference["median_s"] / project["median_s"],
+            "ratio_min": reference["min_s"] / project["min_s"]}
+
+
+def count_flops(step: Callable[[Tensor, Tensor], None], images: Tensor, labels: Tensor) -> int:
+    """FLOPs of one step as ``FlopCounterMode`` counts them (matmuls and convolutions, forward
+    and backward); the step really runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(images, labels)
+    return int(counter.get_total_flops())
+
+
+def peak_flops(device_name: str, kind: str) -> float | None:
+    """Dense peak FLOP/s of ``kind`` (bf16, tf32, fp32) on the named device; None if unknown."""
+    for fragment, peaks in PEAK_FLOPS:
+        if fragment in device_name:
+            return peaks.get(kind)
+    return None
+
+
+def _peak_memory(step: Callable[[Tensor, Tensor], None], images: Tensor, labels: Tensor,
+                 device: torch.device) -> int | None:
+    """Peak bytes allocated on the GPU during one step (what is already resident included)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(images, labels)
+    _sync(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements
+
+
+def bench_reference(opts: BenchOptions, device: torch.device, data: Data) -> dict[str, Any]:
+    """FLOPs and peak memory of the reference step alone (the same for every intervention)."""
+    config = trial_config(opts, "none", device)
+    torch.manual_seed(opts.seed)
+    step = reference_step(reference_for(config, device))
+    batches = _batches(data, opts.batch_size, 1)
+    _run(step, batches, max(1, opts.warmup))
+    out = {"peak_memory_bytes": _peak_memory(step, *batches[0], device),
+           "flops_per_step": count_flops(step, *batches[0])}
+    _release(device)
+    return out
+
+
+def bench_intervention(opts: BenchOptions, intervention: str, device: torch.device, data: Data,
+                       workdir: Path, echo: Echo) -> dict[str, Any]:
+    """The project's step with ``intervention`` against the reference, interleaved."""
+    config = trial_config(opts, intervention, device)
+    batches = _batches(data, opts.batch_size, opts.batches)
+    trainer = Trainer(config, workdir / intervention, data=data)
+    project = project_step(trainer)
+    _run(project, batches, opts.warmup)
+    peak = _peak_memory(project, *batches[0], device)  # before the reference exists
+    flops = count_flops(project, *batches[0])
+    reference = reference_step(reference_for(config, device))
+    _run(reference, batches, opts.warmup)
+    project_s, reference_s = [], []
+    for r in range(opts.repeats):
+        # Alternate which loop goes first, so neither always follows the other.
+        order = ((project, project_s), (reference, reference_s))
+        for step, times in order if r % 2 == 0 else order[::-1]:
+            times.append(time_per_batch(step, batches, device))
+    del trainer, project, reference
+    _release(device)
+    out = {"intervention": intervention, "layers": list(config.layers),
+           **compare(project_s, reference_s, opts.batch_size),
+           "flops_per_step": flops, "peak_memory_bytes": peak}
+    echo(f"  {intervention}: project {out['project']['images_per_s']:.1f} img/s, reference "
+         f"{out['reference']['images_per_s']:.1f} img/s, ratio {out['ratio_median']:.2f}")
+    return out
+
+
+class _EpochClock(Reporter):
+    """Wall-clock time at the start of ``fit`` and after each epoch's checkpoint."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.marks = device, []
+
+    def start(self, config, history):
+        self.marks.append(time.perf_counter())
+
+    def epoch(self, row, checkpoint):
+        _sync(self.device)
+        self.marks.append(time.perf_counter())
+
+
+def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
+                workdir: Path) -> dict[str, Any]:
+    """Small epochs of the real ``Trainer.fit``: training, evaluation and checkpoint seconds,
+    and the clean logging forward timed alone over the same number of batches.
+
+    ``train_seconds`` and ``eval_seconds`` are the trainer's own timers; the checkpoint part is
+    the rest of the epoch (the checkpoint write, plus the copy of the best weights when the epoch
+    is the best so far). On CUDA a first epoch warms up and each part is the median of the next
+    three; on the CPU one epoch is measured.
+    """
+    n_batches = opts.split_batches or opts.batches
+    n_train = n_batches * opts.batch_size
+    n_eval = opts.eval_images if opts.eval_images is not None else max(1, n_train // 5)
+    warm, measured = (1, 3) if device.type == "cuda" else (0, 1)
+    data = random_data(n_train, n_eval, opts.seed + 1, device)
+    config = trial_config(opts, intervention, device, train_eval_size=n_eval,
+                          epochs=warm + measured)
+    trainer = Trainer(config, workdir / "split", data=data)
+    clock = _EpochClock(device)
+    history = trainer.fit(clock)
+    runs: dict[str, list[float]] = {part: [] for part in (*SPLIT_PARTS, "epoch")}
+    for e in range(warm, warm + measured):
+        epoch = clock.marks[e + 1] - clock.marks[e]
+        train, evaluation = history[e]["train_seconds"], history[e]["eval_seconds"]
+        runs["epoch"].append(epoch)
+        runs["train"].append(train)
+        runs["evaluation"].append(evaluation)
+        runs["checkpoint"].append(max(0.0, epoch - train - evaluation))
+    # The clean logging forward alone, as train_step runs it, on augmented batches.
+    model = trainer.model
+    xs = [augment(trainer._batch(x), DATASET)
+          for x, _ in _batches(data, opts.batch_size, n_batches)]
+    model.train(config.log_pass_mode == "train")
+    for _ in range(measured):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad(), trainer._autocast():
+            for x in xs:
+                model(x)
+        _sync(device)
+        runs["logging_forward"].append(time.perf_counter() - start)
+    del trainer, model, xs
+    _release(device)
+    parts = {part: statistics.median(runs[part]) for part in SPLIT_PARTS}
+    epoch = statistics.median(runs["epoch"])
+    per_image = {"train": n_train, "logging_forward": n_train, "evaluation": 2 * n_eval}
+    scale = {"train": CIFAR_EPOCH["train"] / n_train,
+             "logging_forward": CIFAR_EPOCH["train"] / n_train,
+             "evaluation": (CIFAR_EPOCH["train_eval"] + CIFAR_EPOCH["test"]) / (2 * n_eval),
+             "checkpoint": 1.0}
+    return {"intervention": intervention, "train_images": n_train, "train_eval_images": n_eval,
+            "test_images": n_eval, "test_steps": opts.test_steps, "epochs_measured": measured,
+            "per_epoch_seconds": runs, "epoch_seconds": epoch, "seconds": parts,
+            "share_of_epoch": {k: v / epoch for k, v in parts.items()},
+            "images_per_s": {k: per_image[k] / parts[k] for k in per_image},
+            "cifar10_epoch_seconds": {k: v * scale[k] for k, v in parts.items()}}
+
+
+def _trial_worker(opts: BenchOptions, intervention: str, barrier: Any, results: Any) -> None:
+    """One of several trials sharing the GPU: warm up, wait for the others, time the step."""
+    try:
+        device = resolve_device(opts.device)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        n = opts.batches * opts.repeats
+        data = random_data(opts.batches * opts.batch_size, opts.batch_size, opts.seed, device)
+        with tempfile.TemporaryDirectory(prefix="ablate-bench-") as tmp:
+            trainer = Trainer(trial_config(opts, intervention, device), tmp, data=data)
+            step = project_step(trainer)
+            batches = _batches(data, opts.batch_size, opts.batches)
+            # A fresh process runs its first batches slowly (allocator growth, kernel choice):
+            # at least one full pass over the batches before the clock starts.
+            _run(step, batches, max(opts.warmup, len(batches)))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            barrier.wait(timeout=900)
+            _sync(device)
+            start = time.time()  # wall clock: comparable across processes
+            _run(step, batches, n)
+            _sync(device)
+            end = time.time()
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            results.put({"start": start, "end": end, "images": n * opts.batch_size,
+                         "peak_memory_bytes": peak})
+    except BaseException as err:  # a worker's failure goes back to the parent as one line
+        barrier.abort()
+        results.put({"error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
+
+
+def bench_trials_per_gpu(opts: BenchOptions, intervention: str, echo: Echo) -> list[dict[str, Any]]:
+    """For each count k, k spawned processes train the project's step on the same GPU at once."""
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    for k in opts.trials_per_gpu:
+        barrier, results = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_trial_worker, args=(opts, intervention, barrier, results),
+                             daemon=True) for _ in range(k)]
+        for p in procs:
+            p.start()
+        got: list[dict[str, Any]] = []
+        while len(got) < k:
+            try:
+                got.append(results.get(timeout=5))
+            except queue_module.Empty:
+                if not any(p.is_alive() for p in procs):  # one died without a word (killed)
+                    got.append({"error": "a worker process died (exit codes "
+                                         f"{[p.exitcode for p in procs]})"})
+                    break
+        for p in procs:
+            p.join(timeout=60)
+        errors = [g["error"] for g in got if "error" in g]
+        if errors:
+            row = {"trials": k, "error": errors[0]}
+            echo(f"  {k} trial(s) per GPU: failed ({errors[0]})")
+        else:
+            window = max(g["end"] for g in got) - min(g["start"] for g in got)
+            per_trial = [g["images"] / (g["end"] - g["start"]) for g in got]
+            row = {"trials": k, "images_per_s": sum(g["images"] for g in got) / window,
+                   "per_trial_images_per_s": per_trial,
+                   "peak_memory_bytes": max((g["peak_memory_bytes"] or 0) for g in got) or None}
+            echo(f"  {k} trial(s) per GPU: {row['images_per_s']:.1f} img/s together")
+        out.append(row)
+    base = next((r for r in out if r["trials"] == 1 and "images_per_s" in r), None)
+    for row in out:
+        if base and "images_per_s" in row:
+            row["scaling_vs_one"] = row["images_per_s"] / base["images_per_s"]
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu or cuda; ConfigError (one line) for cuda on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here")
+    return torch.device(name)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the numbers were taken: device, torch, threads and the TF32 switches."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def _add_mfu(row: dict[str, Any], env: dict[str, Any], precision: str) -> None:
+    """MFU of the project's median step against the peak for its precision (and, in fp32 with
+    cuDNN's TF32 on, against the TF32 peak as well); None where the peak is unknown."""
+    if not env["device"].startswith("cuda"):
+        return
+    achieved = row["flops_per_step"] / row["project"]["median_s"]
+    kinds = ["bf16"] if precision == "bf16" else ["fp32"] + (["tf32"] if env["cudnn_allow_tf32"]
+                                                              else [])
+    for kind in kinds:
+        peak = peak_flops(env["device_name"], kind)
+        row[f"mfu_{kind}"] = achieved / peak if peak else None
+    row["achieved_flops_per_s"] = achieved
+
+
+def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str, Any]:
+    """Every measurement of ``opts``; returns them as one JSON-ready dict."""
+    device = resolve_device(opts.device)
+    threads_before = torch.get_num_threads()
+    threads = opts.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        env = environment(device)
+        echo(f"bench: {opts.model}, batch {opts.batch_size}, {env['device_name']}, "
+             f"torch {env['torch']}, {opts.precision}, {env['threads']} thread(s)")
+        data = random_data(opts.batches * opts.batch_size, opts.batch_size, opts.seed, device)
+        result: dict[str, Any] = {"environment": env, "options": asdict(opts),
+                                  "dataset_shape": DATASET, "notes": []}
+        with tempfile.TemporaryDirectory(prefix="ablate-bench-") as tmp:
+            echo("reference step (FLOPs, memory)")
+            result["reference"] = bench_reference(opts, device, data)
+            rows = []
+            for intervention in opts.interventions:
+                rows.append(bench_intervention(opts, intervention, device, data, Path(tmp), echo))
+                _add_mfu(rows[-1], env, opts.precision)
+            result["interventions"] = rows
+            del data
+            _release(device)
+            result["split"] = None
+            if opts.split:
+                echo(f"per-epoch split ({opts.interventions[0]})")
+                result["split"] = bench_split(opts, opts.interventions[0], device, Path(tmp))
+        result["trials_per_gpu"] = None
+        if device.type != "cuda":
+            result["notes"].append("trials per GPU: skipped (not a CUDA run)")
+        elif opts.trials_per_gpu:
+            echo(f"trials per GPU ({opts.interventions[0]})")
+            result["trials_per_gpu"] = bench_trials_per_gpu(opts, opts.interventions[0], echo)
+        result["notes"].append("FLOPs are torch.utils.flop_counter's count: matmul and "
+                               "convolution FLOPs only (forward and backward).")
+        if device.type == "cuda" and opts.precision == "fp32" and env["cudnn_allow_tf32"]:
+            result["notes"].append("fp32 convolutions run in TF32 on tensor cores "
+                                   "(torch.backends.cudnn.allow_tf32 is on): mfu_fp32 is against "
+                                   "the plain FP32 peak, mfu_tf32 against the TF32 one.")
+        return result
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:{spec}}{suffix}"
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_report(result: dict[str, Any]) -> list[str]:
+    """The stdout tables: one row per intervention, then the split and the trials per GPU."""
+    env, opts = result["environment"], result["options"]
+    cuda = env["device"].startswith("cuda")
+    lines = [
+        f"ablate bench: {opts['model']}, batch {opts['batch_size']}, PGD-{opts['train_steps']}, "
+        f"random images of CIFAR-10's shape",
+        f"device {env['device_name']} ({env['device']}), torch {env['torch']}, precision "
+        f"{opts['precision']} (reference fp32), {env['threads']} thread(s)",
+        f"timing: {opts['repeats']} interleaved repeats x {opts['batches']} batches per loop "
+        f"after {opts['warmup']} warm-up batches; img/s from the median batch time; ratio = "
+        f"project img/s / reference img/s",
+        ""]
+    head = f"{'intervention':<12} {'project img/s':>13} {'reference img/s':>15} " \
+           f"{'ratio (median)':>14} {'ratio (min)':>11} {'GFLOP/img':>9}"
+    kinds = ["bf16"] if opts["precision"] == "bf16" else ["fp32", "tf32"]
+    if cuda:
+        head += "".join(f" {'MFU ' + k:>9}" for k in kinds) + f" {'peak mem':>10}"
+    lines.append(head)
+    for row in result["interventions"]:
+        line = (f"{row['intervention']:<12} {row['project']['images_per_s']:>13.1f} "
+                f"{row['reference']['images_per_s']:>15.1f} {row['ratio_median']:>13.2f}x "
+                f"{row['ratio_min']:>10.2f}x "
+                f"{row['flops_per_step'] / opts['batch_size'] / 1e9:>9.3g}")
+        if cuda:
+            line += "".join(f" {_fmt(row.get(f'mfu_{k}'), '.1%'):>9}" for k in kinds)
+            line += f" {_gib(row['peak_memory_bytes']):>10}"
+        lines.append(line)
+    ref = result["reference"]
+    lines.append(f"reference: {ref['flops_per_step'] / opts['batch_size'] / 1e9:.3g} GFLOP/img"
+                 + (f", peak mem {_gib(ref['peak_memory_bytes'])}" if cuda else ""))
+    if cuda:
+        used = {k: peak_flops(env["device_name"], k) for k in kinds}
+        lines.append("MFU peaks (dense, datasheet): " + ", ".join(
+            f"{k} {_fmt(v and v / 1e12, '.1f', ' TFLOP/s')}" for k, v in used.items()))
+    split = result.get("split")
+    if split:
+        lines += ["", f"per-epoch split ({split['intervention']}, median of "
+                      f"{split['epochs_measured']} epoch(s)): {split['train_images']} train "
+                      f"images, PGD-{opts['train_steps']} on {split['train_eval_images']} "
+                      f"train-eval and PGD-{split['test_steps']} on {split['test_images']} test "
+                      f"images; CIFAR-10 column scaled linearly to 50k/10k/10k",
+                  f"{'part':<16} {'seconds':>9} {'share':>7} {'img/s':>9} {'CIFAR-10 epoch s':>16}"]
+        for part in SPLIT_PARTS:
+            seconds = split["seconds"][part]
+            rate = split["images_per_s"].get(part)
+            name = "  logging fwd" if part == "logging_forward" else part
+            lines.append(f"{name:<16} {seconds:>9.3f} {split['share_of_epoch'][part]:>7.1%} "
+                         f"{_fmt(rate, '.1f'):>9} {split['cifar10_epoch_seconds'][part]:>16.1f}")
+        lines.append(f"{'epoch':<16} {split['epoch_seconds']:>9.3f}   (logging fwd is part of "
+                     f"train)")
+    trials = result.get("trials_per_gpu")
+    if trials:
+        lines += ["", f"trials per GPU ({result['interventions'][0]['intervention']}, "
+                      f"{opts['batches'] * opts['repeats']} batches each)",
+                  f"{'trials':>6} {'img/s total':>11} {'img/s per trial':>15} {'scaling':>8} "
+                  f"{'peak mem':>10}"]
+        for row in trials:
+            if "error" in row:
+                lines.append(f"{row['trials']:>6} failed: {row['error']}")
+                continue
+            per = statistics.median(row["per_trial_images_per_s"])
+            lines.append(f"{row['trials']:>6} {row['images_per_s']:>11.1f} {per:>15.1f} "
+                         f"{_fmt(row.get('scaling_vs_one'), '.2f', 'x'):>8} "
+                         f"{_gib(row['peak_memory_bytes']):>10}")
+    lines += [""] + [f"note: {n}" for n in result["notes"]]
+    return lines

@@ -1,0 +1,77 @@
+"""The dataset file names and the torch-free check that they are there."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import FAKE_DATASETS, write_fake_dataset
+
+from ablation.datafiles import LAYOUTS, check_data
+from ablation.errors import ConfigError, DataError
+
+
+def test_file_names_are_torchvisions():
+    from torchvision import datasets as tvd
+
+    for name, cls in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100)):
+        layout = LAYOUTS[name]
+        assert layout.folder == cls.base_folder
+        assert list(layout.train) == [f for f, _ in cls.train_list]
+        assert list(layout.test) == [f for f, _ in cls.test_list]
+        assert list(layout.meta) == [cls.meta["filename"]]
+    svhn = LAYOUTS["svhn"]
+    assert (svhn.folder, svhn.train, svhn.test) == (
+        "", (tvd.SVHN.split_list["train"][1],), (tvd.SVHN.split_list["test"][1],))
+
+
+def test_the_check_imports_no_torch():
+    code = ("import sys; from ablation.datafiles import check_data; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", FAKE_DATASETS)
+def test_complete_data_passes_and_each_missing_or_empty_file_is_named(tmp_path, name):
+    write_fake_dataset(name, tmp_path, 6, 3, seed=0)
+    check_data(name, tmp_path, download=False)
+    layout = LAYOUTS[name]
+    last = tmp_path / layout.folder / (*layout.train, *layout.test, *layout.meta)[-1]
+    last.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{name}: {last} is empty"):
+        check_data(name, tmp_path, download=True)  # a download would not replace it
+    last.unlink()
+    with pytest.raises(DataError) as err:
+        check_data(name, tmp_path, download=False)
+    assert str(err.value).startswith(f"{name}: no data at {last} (put ")
+    assert "set download: true" in str(err.value)
+    check_data(name, tmp_path, download=True)  # missing files are what a download fetches
+
+
+def test_a_missing_folder_is_named_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        check_data("cifar10", "data", download=False)
+    assert str(err.value) == (f"cifar10: no data at {tmp_path}/data/cifar-10-batches-py (put "
+                              "the extracted dataset there or set download: true)")
+
+
+def test_a_download_into_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"cannot download into .*/file/data: .*/file is a file"):
+        check_data("svhn", tmp_path / "file" / "data", download=True)
+
+
+def test_datasets_without_files_pass_and_unknown_names_are_config_errors(tmp_path):
+    check_data("digits", tmp_path / "nowhere", download=False)
+    check_data("synthetic", tmp_path / "nowhere", download=False)
+    with pytest.raises(ConfigError, match="'mnist'"):
+        check_data("mnist", tmp_path, download=False)
+
+
+def test_the_check_reads_nothing(tmp_path):
+    # Format errors are found by load_data (test_data.py); the check stays cheap for the driver.
+    write_fake_dataset("cifar10", tmp_path, 6, 3, seed=0)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    check_data("cifar10", tmp_path, download=False)

@@ -1,0 +1,401 @@
+"""The Ray driver of ``ablate run`` as the user meets it: a wrong address, a refused token, a
+cluster too small, a full disk, Ctrl-C, a second driver, and what a local Ray listens on. Each
+failure is one line with its exit status, in seconds; each interruption resumes."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import pytest
+from test_sweep import TIMING, ablate, reference_curves, stored, write_sweep
+
+from ablation.errors import ConfigError
+from ablation.grid import load_sweep
+from ablation.store import DriverLock, RunDir
+from ablation.tune import parse_address
+
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's token (RAY_AUTH_TOKEN)
+INTERRUPTED = "interrupted; run the same command again to resume"
+
+
+def one_error_line(done, status):
+    """The run ended with ``status`` and one error line, last, and no traceback."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status, done.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[-1]
+
+
+def timed(*args, **kwargs):
+    start = time.monotonic()
+    done = ablate(*args, **kwargs)
+    return done, time.monotonic() - start
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(marker):
+    """End the processes whose command line holds ``marker`` (a folder this test made), by pid:
+    `ray stop` would end every Ray on the machine."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A `ray start --head` with token auth and no CPU (nothing can run on it), in a private
+    temp dir (short: Ray's socket paths must fit 107 characters): its address."""
+    temp = tempfile.mkdtemp(prefix="ablray", dir="/tmp")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    started = subprocess.run([*RAY, "start", "--head", f"--port={port}", "--num-cpus=0",
+                              f"--temp-dir={temp}", "--include-dashboard=false",
+                              "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_tree(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- A: a wrong or unreachable address, a cluster or machine too small -------------------------
+
+
+@pytest.mark.parametrize("address", ["auto", "head:6379", "10.0.0.1:1", "[::1]:6379"])
+def test_addresses_that_parse(address):
+    assert parse_address(address) in (None, ("head", 6379), ("10.0.0.1", 1), ("::1", 6379))
+
+
+@pytest.mark.parametrize("address", ["host:port:x", ":abc", "head", "head:0", "head:70000",
+                                     "::1:6379", "ray://head:10001", "http://head:8265"])
+def test_malformed_addresses_are_a_config_error_naming_them(address):
+    with pytest.raises(ConfigError, match=re.escape(repr(address))):
+        parse_address(address)
+
+
+@pytest.mark.parametrize("address", ["host:port:x", ":abc"])
+def test_a_malformed_address_is_one_line_and_status_2(tmp_path, address):
+    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
+                          "--address", address, "--quiet")
+    assert one_error_line(done, 2).startswith(f"error: --address {address!r}: expected")
+    assert len(done.stderr.strip().splitlines()) == 1 and seconds < 30
+    assert not (tmp_path / "run" / "sweep.json").exists()  # refused before the folder
+
+
+def test_an_address_where_nothing_listens_is_one_line_in_seconds(tmp_path):
+    # Ray itself retries such an address for many minutes (measured: over 5).
+    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
+                          "--address", f"127.0.0.1:{free_port()}", "--quiet")
+    assert "nothing listens there" in one_error_line(done, 2), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and seconds < 30
+
+
+def test_more_cpus_per_trial_than_the_machine_has_is_one_line_at_once(tmp_path):
+    # Tune would wait forever (it only warns, every minute, that the cluster may be autoscaling).
+    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
+                          "--cpus-per-trial", 1000, "--quiet")
+    line = one_error_line(done, 2)
+    assert "a trial asks for {CPU: 1000} but this machine's Ray has {CPU: " in line, line
+    assert seconds < 60
+
+
+@pytest.mark.slow
+def test_gpus_per_trial_on_a_cluster_without_any_is_one_line_within_a_minute(tmp_path, cluster):
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
+                          "--address", cluster, "--gpus-per-trial", 1, "--quiet", env=env)
+    line = one_error_line(done, 2)
+    assert f"no node of the Ray cluster at {cluster} can hold a trial's {{CPU: 1, GPU: 1}}" \
+        in line and "the most one has: {CPU: 0, GPU: 0}" in line, line
+    assert seconds < 60
+
+
+@pytest.mark.slow
+def test_busy_resources_wait_and_status_says_for_what(tmp_path):
+    """A trial that takes the whole machine: the others wait, `ablate status` says so while they
+    do, and nothing waits once the sweep is done."""
+    cpus = os.cpu_count()
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=10)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
+                             str(run), "--quiet", "--cpus-per-trial", str(cpus)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen, deadline = None, time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not seen:
+        if (run / "sweep.json").exists():
+            status = ablate("status", run).stdout
+            seen = next((line for line in status.splitlines() if line.startswith("waiting:")),
+                        None)
+        time.sleep(1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert seen == f"waiting: 1 trial(s) wait for {{CPU: {cpus}}} (free now: {{CPU: 0}})", seen
+    assert json.loads((run / "state.json").read_text())["waiting"] is None
+    assert "waiting:" not in ablate("status", run).stdout
+
+
+def test_status_shows_what_a_live_driver_waits_for_and_not_a_dead_ones(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_manifest(load_sweep(write_sweep(tmp_path / "s.yaml")))
+    run.write_states({}, waiting="2 trial(s) wait for {CPU: 1, GPU: 1}")  # this process: alive
+    assert "waiting: 2 trial(s) wait for {CPU: 1, GPU: 1}" in ablate("status", run.root).stdout
+    state = json.loads(run.state_path.read_text())
+    state["driver"]["pid"] = dead_pid()
+    run.state_path.write_text(json.dumps(state))
+    assert "waiting" not in ablate("status", run.root).stdout
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+# --- B: a cluster that wants a token ------------------------------------------------------------
+
+
+def test_joining_a_token_cluster_without_the_token_says_which_variables_to_set(tmp_path,
+                                                                               cluster):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    cmd = [sys.executable, "-m", "ablation", "run", str(write_sweep(tmp_path / "s.yaml")),
+           "--storage", str(tmp_path / "run"), "--address", cluster, "--quiet"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    line = one_error_line(done, 2)
+    assert "requires token authentication; set RAY_AUTH_MODE=token and its token in " \
+           "RAY_AUTH_TOKEN or ~/.ray/auth_token" in line, line
+    assert len(done.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
+    wrong = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                           env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32})
+    assert "refused this machine's token; set RAY_AUTH_TOKEN" in one_error_line(wrong, 2)
+
+
+# --- C: a full disk ---------------------------------------------------------------------------
+
+FULL_DISK = """
+import errno, sys
+from ablation import store
+from ablation.cli import main
+
+method, after = sys.argv[1], int(sys.argv[2])  # the store's writer that fails, after N calls
+calls = []
+real = getattr(store.RunDir, method)
+
+def full(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) > after:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, *args, **kwargs)
+
+setattr(store.RunDir, method, full)
+main(sys.argv[3:])
+"""
+
+
+def run_with_a_full_disk(method, after, *args):
+    return subprocess.run([sys.executable, "-c", FULL_DISK, method, str(after), "run", *map(
+        str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_a_full_disk_before_ray_is_one_line_and_status_1(tmp_path):
+    run = tmp_path / "run"
+    done = run_with_a_full_disk("write_json", 0, write_sweep(tmp_path / "s.yaml"), "--storage",
+                                run, "--quiet")
+    assert one_error_line(done, 1) == (f"error: {run}: no space left on the device; free some "
+                                       "space there, then run the same command again to resume")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_the_drivers_callback_is_one_line_and_the_rerun_completes(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=4)
+    run = tmp_path / "run"
+    done = run_with_a_full_disk("add_epochs", 3, sweep, "--storage", run, "--quiet")
+    assert one_error_line(done, 1).startswith(f"error: {run}: no space left on the device")
+    assert "TuneError" not in done.stderr and len(stored(run)) == 3
+    assert_the_same_command_completes_the_sweep(sweep, run, tmp_path)
+
+
+def assert_the_same_command_completes_the_sweep(sweep, run, tmp_path):
+    again = ablate("run", sweep, "--storage", run, "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    curves = stored(run)
+    for key, config in load_sweep(sweep).by_key.items():
+        mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
+        ref = reference_curves(config, tmp_path)
+        pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
+                                      ref.drop(columns=TIMING), check_exact=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line_and_the_rerun_completes(tmp_path):
+    """A 1 MiB tmpfs (root only): the workers' checkpoints and the driver's store fill it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4], [1]))
+        run = mount / "run"
+        done = ablate("run", sweep, "--storage", run, "--quiet")
+        assert one_error_line(done, 1).startswith(f"error: {run}: no space left on the device")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        assert_the_same_command_completes_the_sweep(sweep, run, tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+# --- D: Ctrl-C ----------------------------------------------------------------------------------
+
+
+def interrupt(sweep, run, ready):
+    """Start `ablate run`, send SIGINT to its process group (as a terminal's Ctrl-C does) once
+    ``ready()``, and return its exit status and what it printed after its plan line."""
+    proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
+                             str(run), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 30
+    assert "to run; folder" in err, err[-3000:]
+    return proc.returncode, err.split("to run; folder")[1].splitlines()[1:]
+
+
+def test_ctrl_c_exits_130_with_one_line_and_marks_no_trial(tmp_path):
+    run = tmp_path / "run"
+    status, printed = interrupt(write_sweep(tmp_path / "s.yaml", epochs=20), run,
+                                ready=lambda: (run / "state.json").exists())  # Tune starts
+    assert (status, printed) == (130, [INTERRUPTED])  # no Tuner.restore advice, no error.txt
+    assert not list(run.glob("trials/*/error.txt"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_curves(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=4)
+    run = tmp_path / "run"
+    status, printed = interrupt(sweep, run, ready=lambda: (run / "curves").exists() and any(
+        (run / "curves").glob("*.parquet")) and 1 <= len(stored(run)) < 6)
+    assert (status, printed) == (130, [INTERRUPTED])
+    assert not list(run.glob("trials/*/error.txt"))
+    assert "interrupted" in ablate("status", run).stdout
+    assert len(stored(run)) < 8, "the sweep finished before the interrupt"
+    assert_the_same_command_completes_the_sweep(sweep, run, tmp_path)
+
+
+# --- E: one driver per run folder -------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from ablation.store import DriverLock, RunDir
+with DriverLock(RunDir(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_driver_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", run,
+                              "--quiet")
+        line = one_error_line(done, 2)
+        assert re.fullmatch(rf"error: {re.escape(str(run))} is being run by pid {holder.pid} on "
+                            rf"host {re.escape(socket.gethostname())} since \d\d:\d\d; stop it "
+                            "or wait for it to end", line), line
+        assert len(done.stderr.strip().splitlines()) == 1 and seconds < 30
+        assert not (run / "sweep.json").exists()  # refused before it changed anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with DriverLock(RunDir(run)):  # the dead holder's lock is free again
+        assert json.loads((run / ".driver.lock").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+def test_two_real_drivers_on_one_folder_the_second_is_refused(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=6)
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
+                              str(run), "--quiet"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "state.json").exists():
+        time.sleep(0.2)
+    second = ablate("run", sweep, "--storage", run, "--quiet")
+    assert f"is being run by pid {first.pid} on host" in one_error_line(second, 2)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert ablate("status", run).stdout.strip().endswith("2 trials: 2 done; time left about "
+                                                         "00:00:00")
+
+
+# --- F: what a local Ray listens on -------------------------------------------------------------
+
+LISTENERS = """
+import json, os, subprocess, sys
+from ablation.tune import ray_cluster
+
+with ray_cluster(None):
+    import ray
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    ray.get([pid.remote() for _ in range(2)])  # a worker or two listen too
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    links = [tuple(map(int, line.split())) for line in table.splitlines()]
+    mine, grown = {os.getpid()}, True
+    while grown:
+        new = {p for p, pp in links if pp in mine} - mine
+        mine |= new
+        grown = bool(new)
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    print(json.dumps([line.split()[3] for line in ss.splitlines()
+                      if any(f"pid={p}," in line for p in mine)]))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
+def test_a_local_ray_listens_on_the_loopback_interface_only_and_its_token_is_private(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    done = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True,
+                          timeout=120, env={**env, "HOME": str(home)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(listening) >= 3, listening  # GCS, raylet, this driver, workers...
+    for address in listening:
+        assert address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), \
+            listening
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
