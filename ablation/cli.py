@@ -271,6 +271,25 @@ def evaluate(run_dir: str, n_examples: int | None, device: str | None) -> None:
 
 
 @cli.command()
+@click.argument("dataset", type=click.Choice(["cifar10", "cifar100", "svhn"]))
+@click.option("--root", default="data", show_default=True, metavar="DIR",
+              help="The data_root the trials will read (CIFAR lands in DIR/cifar-10-batches-py "
+                   "etc., SVHN's .mat files in DIR).")
+@click.option("--verify-only", is_flag=True,
+              help="Download nothing; only check the files there against the official md5 sums.")
+def data(dataset: str, root: str, verify_only: bool) -> None:
+    """Download DATASET (where the machine has internet) and verify every file by its md5.
+
+    Safe to run on every node at once, on a shared or a local folder: a lock file makes one
+    process download while the others wait, then each verifies.
+    """
+    from .data import fetch_data, verify_data  # torch loads here
+
+    files = verify_data(dataset, root) if verify_only else fetch_data(dataset, root)
+    click.echo(f"{dataset}: {len(files)} files verified in {Path(root).expanduser().resolve()}")
+
+
+@cli.command()
 @click.option("--model", default="preact18", show_default=True,
               help="Architecture, as in a trial config (preact_small for a quick CPU run).")
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True,

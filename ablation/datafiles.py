@@ -66,8 +66,8 @@ def check_data(name: str, root: str | Path, download: bool) -> None:
         return
     if missing is not None:
         what = "the .mat files" if name == "svhn" else "the extracted dataset"
-        raise DataError(f"{name}: no data at {missing} (put {what} there or set "
-                        "download: true)")
+        raise DataError(f"{name}: no data at {missing} (put {what} there, or run "
+                        f"`ablate data {name} --root {root}`, or set download: true)")
     empty = next((p for p in expected_files(name, root) if p.stat().st_size == 0), None)
     if empty is not None:
         raise DataError(f"{name}: {empty} is empty (put the official file there)")

@@ -54,7 +54,8 @@ def test_a_missing_folder_is_named_relative_to_the_working_directory(tmp_path, m
     with pytest.raises(DataError) as err:
         check_data("cifar10", "data", download=False)
     assert str(err.value) == (f"cifar10: no data at {tmp_path}/data/cifar-10-batches-py (put "
-                              "the extracted dataset there or set download: true)")
+                              f"the extracted dataset there, or run `ablate data cifar10 --root "
+                              f"{tmp_path}/data`, or set download: true)")
 
 
 def test_a_download_into_a_file_is_refused(tmp_path):
