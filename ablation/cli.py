@@ -183,6 +183,9 @@ def status(run_dir: str) -> None:
     counts = table.state.value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in
                         ("done", "running", "interrupted", "errored", "pending") if s in counts)
+    if (table.state == "done").all():
+        click.echo(f"{len(table)} trials: all done")
+        return
     left = "unknown" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) \
         if eta < 86400 else f"{eta / 86400:.1f} days"
     click.echo(f"{len(table)} trials: {summary}; time left about {left}")
