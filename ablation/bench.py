@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LAYER_WISE, TrialConfig, from_dict
+from .config import TrialConfig, from_dict
+from .layers import LAYER_WISE
 from .data import Data, augment, dataset_info
 from .errors import ConfigError, TrainingDiverged
 from .models import build_model

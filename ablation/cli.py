@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from .config import TrialConfig, from_dict, load_trial, parse_yaml
-from .datafiles import check_data
+from . import layers as layer_groups
+from .config import INTERVENTIONS, MODELS, TrialConfig, from_dict, load_trial, parse_yaml
+from .datafiles import LAYOUTS, check_data
 from .errors import AblateError, ConfigError, RunFailed, quote
 
 
@@ -274,7 +275,7 @@ def evaluate(run_dir: str, n_examples: int | None, device: str | None) -> None:
 
 
 @cli.command()
-@click.argument("dataset", type=click.Choice(["cifar10", "cifar100", "svhn"]))
+@click.argument("dataset", type=click.Choice(list(LAYOUTS)))
 @click.option("--root", default="data", show_default=True, metavar="DIR",
               help="The data_root the trials will read (CIFAR lands in DIR/cifar-10-batches-py "
                    "etc., SVHN's .mat files in DIR).")
@@ -293,7 +294,7 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", default="preact18", show_default=True,
+@click.option("--model", type=click.Choice(MODELS), default="preact18", show_default=True,
               help="Architecture, as in a trial config (preact_small for a quick CPU run).")
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True,
               help="preact_small only: width of the first stage.")
@@ -302,8 +303,8 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
               show_default=True, help="The project's step; the reference loop stays fp32.")
-@click.option("--intervention", "interventions", multiple=True, metavar="NAME",
-              help="none, fix_lr, fix_param, awp or awp_full. Repeatable (default: all five).")
+@click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
+              help="Repeatable (default: all five).")
 @click.option("--layers", default="3,4", show_default=True,
               help="Layer groups of the layer-wise interventions.")
 @click.option("--train-steps", type=click.IntRange(min=1), default=10, show_default=True,
@@ -336,29 +337,19 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
     """Images/s of the project's training step against a Rice-style reference loop (PGD-AT as
     in Rice et al.'s train_cifar.py, fp32, eager), per intervention, on random CIFAR-10-shaped
     images; plus a per-epoch time split and, on CUDA, MFU, peak memory and trials per GPU."""
-    def int_list(option: str, text: str, allowed: tuple[int, ...] = ()) -> tuple[int, ...]:
-        """'3,4' -> (3, 4); 'none' or '0' -> (); a one-line error naming the option otherwise."""
-        if text.strip().lower() in ("", "none", "0"):
-            return ()
-        try:
-            values = tuple(int(v) for v in text.split(","))
-        except ValueError:
-            raise ConfigError(f"{option} {text!r}: expected comma-separated integers, e.g. "
-                              "1,2,4") from None
-        if any(v < 1 or (allowed and v not in allowed) for v in values):
-            raise ConfigError(f"{option} {text!r}: each must be "
-                              + (f"one of {', '.join(map(str, allowed))}" if allowed else ">= 1"))
-        return values
-
-    from .config import INTERVENTIONS, MODELS
-
-    if model not in MODELS:
-        raise ConfigError(f"--model {model!r} is not one of {', '.join(MODELS)}")
-    for name in interventions:
-        if name not in INTERVENTIONS:
-            raise ConfigError(f"--intervention {name!r} is not one of {', '.join(INTERVENTIONS)}")
-    layer_set = int_list("--layers", layers, (1, 2, 3, 4))
-    counts = int_list("--trials-per-gpu", trials_per_gpu)
+    try:  # the groups are checked by layers.parse, as a config's are
+        layer_set = layer_groups.parse(layer_groups.from_column(layers.replace(" ", "")),
+                                       f"--layers {quote(layers)}")
+    except ValueError:
+        raise ConfigError(f"--layers {quote(layers)}: expected layer groups such as 3,4") from None
+    try:
+        counts = (() if trials_per_gpu.strip().lower() in ("", "none", "0")
+                  else tuple(int(v) for v in trials_per_gpu.split(",")))
+    except ValueError:
+        counts = (0,)
+    if any(k < 1 for k in counts):
+        raise ConfigError(f"--trials-per-gpu {quote(trials_per_gpu)}: expected comma-separated "
+                          "counts >= 1, e.g. 1,2,4, or none")
     from .bench import DEFAULT_INTERVENTIONS, BenchOptions, format_report, run_bench
     from .io import save_json  # torch loads here, so --help and option errors stay fast
 

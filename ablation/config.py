@@ -144,13 +144,19 @@ _MAX_YAML_VALUES = 100_000
 
 class _Loader(yaml.SafeLoader):
     """The safe loader, refusing a document whose aliases expand past ``_MAX_YAML_VALUES`` values
-    or refer to a value that contains them."""
+    or refer to a value that contains them, and reading ``1e-3`` as a number (YAML 1.2 does;
+    PyYAML's YAML 1.1 wants ``1.0e-3`` and would give the string "1e-3")."""
 
     def construct_document(self, node: yaml.Node) -> Any:
         if _expanded_size(node, {}, set()) > _MAX_YAML_VALUES:
             raise ConfigError(f"its aliases (*name) expand to more than {_MAX_YAML_VALUES:,} "
                               "values; write the values out")
         return super().construct_document(node)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
@@ -220,7 +226,6 @@ def load_trial(path: str | Path) -> TrialConfig:
 
 
 _FRACTION = re.compile(r"^\s*([0-9.]+(?:e-?[0-9]+)?)\s*/\s*([0-9.]+)\s*$")
-_EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")  # 1e-3, 5E-4, 2.e+1
 
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
@@ -243,8 +248,6 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
             except (ValueError, ZeroDivisionError):  # "./255", "1/0"
                 raise ConfigError(f"{source}: key {key!r}: {quote(value)} is not a number or a "
                                   "fraction such as 8/255") from None
-        elif isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-3 as text
-            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: key {key!r} must be a number, got {quote(value)}")
         return float(value)

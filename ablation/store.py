@@ -190,20 +190,21 @@ class RunDir:
         path = self.root / files.SUMMARY_TABLE
         return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
-    def rebuild_summaries(self, write: bool = True) -> pd.DataFrame:
+    def rebuild_summaries(self, write: bool = True, fetch: bool = True) -> pd.DataFrame:
         """Make ``summary.parquet`` what the trial folders say: one row per trial whose
         ``summary.json`` exists, in the manifest's order. The trial folders are the truth; the
         table is derived, so a driver killed between a worker's summary and the table (or an
         ``ablate evaluate`` stopped there) loses nothing: the next run, report or evaluate
         rebuilds it. Written only when it changes (never with ``write=False``: readers such as
         ``ablate report`` derive it without touching the folder). At a URI each summary is fetched
-        first, since another machine (``ablate evaluate``) may have written it."""
+        first, since another machine (a worker, ``ablate evaluate``) may have written it, unless
+        ``fetch=False`` says the caller has just pulled the store."""
         with open(self.root / ".summary.lock", "w") as lock:  # a driver and `evaluate` may race
             fcntl.flock(lock, fcntl.LOCK_EX)
             rows = []
             for key, config in self.trials().items():
                 rel = files.trial_file(key, files.SUMMARY)
-                if self.remote:
+                if self.remote and fetch:
                     self.sync(rel)
                 path = self.root / rel
                 if not path.exists():
@@ -256,7 +257,8 @@ def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConf
                 f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
                 f"(e.g. {gone[0]}); undo the change or run it with another --storage")
     run.write_manifest(spec)
-    run.rebuild_summaries()  # a driver killed after a trial's summary.json lost only the row
+    # A driver killed after a trial's summary.json lost only the row; the store was just pulled.
+    run.rebuild_summaries(fetch=False)
     todo = {}
     for key, config in configs.items():
         folder = run.trial_dir(key)

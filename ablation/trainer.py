@@ -183,7 +183,6 @@ class Trainer:
         order = torch.randperm(n, device=self.device)
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         first_bad = torch.full((), -1, device=self.device)
-        lrs: list[float] = []
         for i in range(batches):
             lr = learning_rate(cfg, schedule_time(cfg, epoch, i, batches))
             for group in opt.param_groups:
@@ -197,9 +196,8 @@ class Trainer:
             # batch would stall a GPU on a host sync; it is read every DIVERGENCE_CHECK batches.
             bad = ~torch.isfinite(loss)
             first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
-            lrs.append(lr)
             if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == batches:
-                self._stop_if_diverged(first_bad, epoch, lrs)
+                self._stop_if_diverged(first_bad, epoch, batches)
             sums += torch.stack([
                 F.cross_entropy(logits_adv.detach().float(), y, reduction="sum"),
                 (logits_adv.argmax(1) == y).sum(),
@@ -214,11 +212,12 @@ class Trainer:
                 "train_robust_loss": robust_loss, "train_robust_acc": robust_acc,
                 "train_seconds": time.perf_counter() - start}
 
-    def _stop_if_diverged(self, first_bad: Tensor, epoch: int, lrs: list[float]) -> None:
+    def _stop_if_diverged(self, first_bad: Tensor, epoch: int, batches: int) -> None:
         batch = int(first_bad)  # the one host sync of the check
         if batch >= 0:
+            lr = learning_rate(self.config, schedule_time(self.config, epoch, batch, batches))
             raise TrainingDiverged(f"trial {self.config.key}: the training loss stopped being "
-                                   f"finite at epoch {epoch}, batch {batch} (lr {lrs[batch]:g})")
+                                   f"finite at epoch {epoch}, batch {batch} (lr {lr:g})")
 
     def train_step(self, epoch: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Attack, update and log one batch (B §3.2); returns (loss, logits on x_adv, logits on x).
@@ -276,9 +275,10 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         bs = self.config.test_batch_size
-        starts = random_start(self._batch(images), self.eval_threat)
+        images = self._batch(images)
+        starts = random_start(images, self.eval_threat)
         for i in range(0, len(labels), bs):
-            x, y = self._batch(images[i:i + bs]), labels[i:i + bs]
+            x, y = images[i:i + bs], labels[i:i + bs]
             with self._autocast():
                 x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=starts[i:i + bs])
                 with torch.no_grad():

@@ -144,8 +144,8 @@ def test_device_cuda_without_cuda_is_one_line_and_exit_2(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--intervention", "awp_half"], "--intervention 'awp_half' is not one of"),
-    (["--layers", "3,5"], "--layers '3,5': each must be one of 1, 2, 3, 4"),
+    (["--intervention", "awp_half"], "'--intervention': 'awp_half' is not one of"),
+    (["--layers", "3,5"], "--layers '3,5': [3, 5] is not a non-empty subset of [1, 2, 3, 4]"),
     (["--trials-per-gpu", "1,two"], "--trials-per-gpu '1,two': expected comma-separated"),
 ])
 def test_bad_options_are_one_line_errors(capsys, args, message):

@@ -181,6 +181,7 @@ def test_config_is_frozen():
 
 
 def test_exponent_numbers_that_yaml_reads_as_text_are_numbers():
-    # YAML 1.1 (PyYAML) reads 1e-3 as a string; a config field typed float takes it as 0.001.
-    c = from_dict(yaml.safe_load("lr_max: 1e-3\nweight_decay: 5E-4\neps: 2.e-2"))
-    assert (c.lr_max, c.weight_decay, c.eps) == (0.001, 0.0005, 0.02)
+    # YAML 1.1 (PyYAML's safe_load) reads 1e-3 as a string; ablate's loader reads it as YAML 1.2.
+    assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}
+    c = from_dict(parse_yaml("lr_max: 1e-3\nweight_decay: 5E-4\neps: 2.e-2\nseed: 12", "t"))
+    assert (c.lr_max, c.weight_decay, c.eps, c.seed) == (0.001, 0.0005, 0.02, 12)

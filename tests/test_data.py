@@ -21,6 +21,7 @@ from ablation.data import (
     DATASETS,
     Data,
     DatasetInfo,
+    _CifarUnpickler,
     augment,
     crop_flip,
     dataset_info,
@@ -58,19 +59,20 @@ def test_dataset_info_constants_and_unknown_name():
 # ------------------------------------------------------------------- torchvision-format datasets
 
 def test_fake_cifar_files_use_the_official_pickle_layout(tmp_path):
+    # Read with the loader's restricted unpickler, keys as bytes: Python 2 string opcodes.
     write_fake_dataset("cifar10", tmp_path, 10, 4, seed=0)
     write_fake_dataset("cifar100", tmp_path, 10, 4, seed=0)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+        entry = _CifarUnpickler(f, encoding="bytes").load()
     assert entry[b"data"].dtype == np.uint8 and entry[b"data"].shape == (2, 3072)
     assert isinstance(entry[b"labels"], list)
     with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "rb") as f:
-        assert len(pickle.load(f, encoding="bytes")[b"label_names"]) == 10
+        assert len(_CifarUnpickler(f, encoding="bytes").load()[b"label_names"]) == 10
     with open(tmp_path / "cifar-100-python" / "train", "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+        entry = _CifarUnpickler(f, encoding="bytes").load()
     assert {b"data", b"fine_labels", b"coarse_labels"} <= set(entry)
     with open(tmp_path / "cifar-100-python" / "meta", "rb") as f:
-        assert len(pickle.load(f, encoding="bytes")[b"fine_label_names"]) == 100
+        assert len(_CifarUnpickler(f, encoding="bytes").load()[b"fine_label_names"]) == 100
 
 
 @pytest.mark.parametrize("name", FAKE_DATASETS)

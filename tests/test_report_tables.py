@@ -76,6 +76,8 @@ def _check_latex(text: str) -> None:
     assert not stack, f"unclosed: {stack}"
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{"):
         assert rule in text
+    for label in re.findall(r"\\label\{([^}]*)\}", text):  # a name pdflatex can write to .aux
+        assert re.fullmatch(r"tab:[A-Za-z0-9-]+", label), label
     body = re.sub(r"\\(begin|end)\{[^}]*\}", "", text)
     assert not re.search(r"(?<!\\)_", body), "unescaped underscore"
     assert not re.search(r"(?<!\\)%", body), "unescaped percent"

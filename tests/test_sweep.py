@@ -279,11 +279,11 @@ from ablation.cli import main
 
 rebuild = store.RunDir.rebuild_summaries
 
-def killed_before_the_row(self, write=True):
+def killed_before_the_row(self, *args, **kwargs):
     # A worker has written a trial's summary.json: die before the driver stores its row.
     if any(Path(self.trials_dir).glob("*/summary.json")):
         os.kill(os.getpid(), signal.SIGKILL)
-    return rebuild(self, write)
+    return rebuild(self, *args, **kwargs)
 
 store.RunDir.rebuild_summaries = killed_before_the_row
 main(sys.argv[1:])

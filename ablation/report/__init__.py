@@ -84,7 +84,7 @@ def load_run(location: str | Path) -> Run:
     curves["complete"] = done
     # Derived from the trial folders, not read from summary.parquet, which a killed driver may
     # have left short (the next run or evaluate rewrites it).
-    summary = folder.rebuild_summaries(write=False)
+    summary = folder.rebuild_summaries(write=False, fetch=False)  # open() pulled it
     if summary.empty:
         summary = pd.DataFrame(columns=["key", *SETTING, "intervention", "layers", "seed"])
     return Run(root=root, name=stored["name"], description=stored.get("description", ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -59,7 +60,8 @@ def _latex(frame: pd.DataFrame, caption: str, notes: list[str], stem: str) -> st
     spec = "".join("l" if _is_id(c) else "r" for c in columns) or "l"
     lines = [r"\begin{table}[t]", r"\centering",
              r"\caption{" + latex_escape(caption) + "}",
-             r"\label{tab:" + latex_escape(stem) + "}",
+             # a label is a name, not text: escaping breaks pdflatex; keep letters, digits, -
+             r"\label{tab:" + re.sub(r"[^A-Za-z0-9-]+", "-", stem) + "}",
              r"\begin{tabular}{" + spec + "}", r"\toprule"]
     if any(g for g, _ in header):
         # Group row: \multicolumn over runs of the same metric group, \cmidrule under each.
