@@ -12,7 +12,9 @@ The reference (``RiceStep``) is a transcription of the step in Rice et al.'s ``t
 (https://github.com/locuslab/robust_overfitting): PGD-K whose input gradient comes from
 ``loss.backward()`` (which fills every weight's ``.grad`` too), in train mode, then the forward
 that compares restarts, the training forward, backward and SGD step, and the clean logging forward
-in train mode with autograd on; fp32 and eager whatever ``precision`` the project's step uses.
+in train mode with autograd on; fp32 and eager whatever ``precision`` and ``compile`` the project's
+step uses. On CUDA the project's step also has the trainer's fused SGD; the reference keeps torch's
+default SGD. With ``compile`` the warm-up batches include the compile (the timed ones do not).
 
 The per-epoch split runs the real ``Trainer.fit`` for one small epoch (train, evaluation,
 checkpoint) and times the clean logging forward apart; on CUDA the report adds the FLOPs of one
@@ -79,6 +81,7 @@ class BenchOptions:
     batch_size: int = 128
     device: str = "auto"
     precision: str = "fp32"  # the project's step; the reference stays fp32
+    compile: bool = False  # torch.compile the project's model (the trial field); reference eager
     interventions: tuple[str, ...] = DEFAULT_INTERVENTIONS
     layers: tuple[int, ...] = DEFAULT_LAYERS  # for the layer-wise interventions
     train_steps: int = 10  # PGD-K of both loops
@@ -192,8 +195,9 @@ def trial_config(opts: BenchOptions, intervention: str, device: torch.device,
         "intervention": intervention,
         "layers": list(opts.layers) if intervention in LAYER_WISE else [],
         "batch_size": opts.batch_size, "train_steps": opts.train_steps,
-        "test_steps": opts.test_steps, "precision": opts.precision, "device": str(device),
-        "seed": opts.seed, "train_eval_size": 0, **changes}, source="bench")
+        "test_steps": opts.test_steps, "precision": opts.precision, "compile": opts.compile,
+        "device": str(device), "seed": opts.seed, "train_eval_size": 0, **changes},
+        source="bench")
 
 
 def project_step(trainer: Trainer) -> Callable[[Tensor, Tensor], None]:
@@ -322,7 +326,10 @@ def bench_intervention(opts: BenchOptions, intervention: str, device: torch.devi
     project = project_step(trainer)
     _run(project, batches, opts.warmup)
     peak = _peak_memory(project, *batches[0], device)  # before the reference exists
-    flops = count_flops(project, *batches[0])
+    # The math's FLOPs, the same compiled or not, counted eagerly: under the counter's dispatch
+    # mode a compiled model would be traced again.
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(project, *batches[0])
     reference = reference_step(reference_for(config, device))
     _run(reference, batches, opts.warmup)
     project_s, reference_s = [], []
@@ -539,7 +546,8 @@ def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str
     try:
         env = environment(device)
         echo(f"bench: {opts.model}, batch {opts.batch_size}, {env['device_name']}, "
-             f"torch {env['torch']}, {opts.precision}, {env['threads']} thread(s)")
+             f"torch {env['torch']}, {opts.precision}{', compiled' if opts.compile else ''}, "
+             f"{env['threads']} thread(s)")
         data = random_data(opts.batches * opts.batch_size, opts.batch_size, opts.seed, device)
         result: dict[str, Any] = {"environment": env, "options": asdict(opts),
                                   "dataset_shape": DATASET, "notes": []}
@@ -595,7 +603,9 @@ def format_report(result: dict[str, Any]) -> list[str]:
         f"ablate bench: {opts['model']}, batch {opts['batch_size']}, PGD-{opts['train_steps']}, "
         f"random images of CIFAR-10's shape",
         f"device {env['device_name']} ({env['device']}), torch {env['torch']}, precision "
-        f"{opts['precision']} (reference fp32), {env['threads']} thread(s)",
+        f"{opts['precision']} (reference fp32), "
+        f"{'compiled' if opts.get('compile') else 'eager'} (reference eager), "
+        f"{env['threads']} thread(s)",
         f"timing: {opts['repeats']} interleaved repeats x {opts['batches']} batches per loop "
         f"after {opts['warmup']} warm-up batches; img/s from the median batch time; ratio = "
         f"project img/s / reference img/s",

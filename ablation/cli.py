@@ -42,11 +42,14 @@ def cli() -> None:
                    "first N test images (all of them when N is left out or 0).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set epochs=5 --set device=cuda. Repeatable.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads for torch. 1 is what each trial of `ablate run` uses (one per "
+                   "--cpus-per-trial), so a trial trained here and in a sweep gives the same "
+                   "curve; more threads speed up a lone trial on the CPU but change the float "
+                   "rounding. A GPU trial needs no more than 1.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tuple[str, ...],
-          threads: int | None, quiet: bool) -> None:
+          threads: int, quiet: bool) -> None:
     """Train one trial from a TRIAL.yaml config and write curves.parquet, summary.json and
     checkpoint.pt to the output folder.
 
@@ -83,24 +86,50 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
 @click.option("--restart-errored", is_flag=True,
               help="Start trials that errored in an earlier run from scratch instead of "
                    "resuming them from their checkpoints.")
+@click.option("--no-fork", is_flag=True,
+              help="Train every trial from its first epoch, even the epochs it shares with its "
+                   "baseline (by default those are trained once and the trial starts from the "
+                   "baseline's checkpoint).")
 @click.option("--dry-run", is_flag=True,
-              help="List the trials, their keys and the total epochs; start nothing.")
+              help="List the trials, their keys, the epochs to train and an estimate of the "
+                   "GPU-hours; start nothing.")
+@click.option("--bench", "bench_json", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="With --dry-run: estimate GPU-hours at the speed measured by `ablate bench "
+                   "--json FILE` on your GPU (default: the H200 measurement in BENCHMARKS.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: float,
         gpus_per_trial: float | None, max_concurrent: int | None, max_failures: int,
-        restart_errored: bool, dry_run: bool, quiet: bool) -> None:
+        restart_errored: bool, no_fork: bool, dry_run: bool, bench_json: Path | None,
+        quiet: bool) -> None:
     """Run every trial of a SWEEP.yaml through Ray Tune; resume it if its folder exists.
 
     Finished trials are not rerun, interrupted ones continue from their last epoch, errored ones
     are retried, and trials added to the file since are run too.
     """
+    from .fork import epochs_to_train, plan_forks
     from .grid import load_sweep
 
     spec = load_sweep(sweep)
+    forks = {} if no_fork else plan_forks(spec.trials)
     if dry_run:
         for i, config in enumerate(spec.trials):
-            click.echo(f"{i:4d}  {config.key}  ({config.epochs} epochs)")
-        click.echo(f"{len(spec.trials)} trials, {spec.total_epochs} epochs in total")
+            fork = forks.get(config.key)
+            starts = f", the first {fork.epochs} from {fork.parent}" if fork else ""
+            click.echo(f"{i:4d}  {config.key}  ({config.epochs} epochs{starts})")
+        click.echo(f"{len(spec.trials)} trials, {spec.total_epochs:,} epochs in total; "
+                   f"{epochs_to_train(spec.trials, forks):,} to train "
+                   + (f"with {len(forks)} trials forked from their baselines (--no-fork: "
+                      f"{spec.total_epochs:,})" if forks else "(no trial forks)"))
+        from .cost import default_rate, gpu_hours, rate_from_bench  # torch loads here
+
+        rate = rate_from_bench(bench_json) if bench_json else default_rate()
+        hours = gpu_hours(spec.trials, forks, rate)
+        amount = f"about {hours:,.0f}" if hours >= 10 else f"about {hours:.1f}" \
+            if hours >= 0.1 else "under 0.1"
+        click.echo(f"{amount} GPU-hours on {rate.source}"
+                   "; an estimate from each trial's FLOPs at that measured speed (see "
+                   "docs/method.md D.2)")
         return
     for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in spec.trials):
         check_data(*place)  # here, before Ray starts and every trial fails the same way
@@ -132,6 +161,7 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
                                        gpus_per_trial=gpus_per_trial,
                                        max_concurrent=max_concurrent, max_failures=max_failures,
                                        autoattack=spec.autoattack, progress=progress,
+                                       forks=forks,
                                        echo=lambda m: click.echo(m, err=True))
                 finally:
                     progress.close()
@@ -203,57 +233,80 @@ def status(run_dir: str) -> None:
 @click.option("--table", "tables", multiple=True, metavar="NAME",
               help="best-last, awp-compare, ablation, effects, or all. Repeatable.")
 @click.option("--setting", "settings", multiple=True, metavar="LABEL",
-              help="A setting, named as in the figures' legends (e.g. 'AT_awp_[4]', AWP): "
+              help="A setting, named as in the figures' legends (e.g. 'AT_awp_[4]', AWP) or "
+                   "the tables (RAT_LR, RAT_WP): "
                    "the gap figure draws these instead of the paper's sets, and the "
                    "best-last table adds them as rows. Repeatable.")
 @click.option("--metric", default="test_robust_acc", show_default=True,
               help="Curve column for the figure grids, e.g. train_robust_acc (Figure 2(b)), "
                    "test_acc, test_robust_loss.")
+@click.option("--size", default="full", show_default=True, metavar="column|full",
+              help="Figure width: column (3.5 in) or full (7.2 in, the text width of a "
+                   "two-column paper); fonts are 8-9 pt at that size.")
+@click.option("--ylim", default=None, metavar="LOW,HIGH",
+              help="Y range of the figure grids in the metric's units (percent for "
+                   "accuracies), e.g. 35,57.5 as the paper's Figure 3(a).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: reports/<sweep name>).")
 def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
-           settings: tuple[str, ...], metric: str, out: Path | None) -> None:
+           settings: tuple[str, ...], metric: str, size: str, ylim: str | None,
+           out: Path | None) -> None:
     """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from a run folder's Parquet store.
 
     With neither --figure nor --table: everything, plus index.html showing it all on one page.
     Works on a partial run (unfinished trials are marked).
     """
     from .report import load_run
-    from .report.figures import FIGURES, metric_columns, write_figures
+    from .report.figures import FIGURES, WIDTHS, metric_columns, write_figures
     from .report.index import write_index
-    from .report.tables import TABLES, write_tables
+    from .report.tables import TABLES, setting_names, write_tables
 
     for option, given, known in (("--figure", figures, FIGURES), ("--table", tables, TABLES)):
         for name in given:  # the registries are the lists of names
             if name not in (*known, "all"):
                 raise ConfigError(f"{option} {name!r} is unknown; choose from "
                                   f"{', '.join(known)} or all")
+    if size not in WIDTHS:
+        raise ConfigError(f"--size {quote(size)} is unknown; choose from {', '.join(WIDTHS)}")
+    limits = None
+    if ylim is not None:
+        try:
+            limits = tuple(float(v) for v in ylim.split(","))
+        except ValueError:
+            limits = ()
+        # abs(v) < inf also refuses NaN
+        if len(limits) != 2 or not all(abs(v) < float("inf") for v in limits) \
+                or limits[0] >= limits[1]:
+            raise ConfigError(f"--ylim {quote(ylim)}: expected LOW,HIGH with LOW < HIGH, e.g. "
+                              "35,57.5 (percent for accuracies)")
     run = load_run(run_dir)  # a path or a URI
     if run.description:
         click.echo(" ".join(run.description.split()), err=True)
     if metric not in metric_columns(run.curves):
         raise ConfigError(f"--metric {metric!r} is not a curve column; choose from "
                           f"{', '.join(metric_columns(run.curves))}")
-    unknown = sorted(set(settings) - set(run.curves.label))
-    if unknown:
-        raise ConfigError(f"--setting {unknown[0]!r} is not in this run; its settings are named "
-                          f"like {sorted(set(run.curves.label))[0]!r}")
+    names = setting_names(run)  # legend labels and the tables' names (RAT_LR) -> labels
+    for given in settings:
+        if given not in names:
+            raise ConfigError(f"--setting {given!r} is not in this run; choose from "
+                              f"{', '.join(names)}")
+    settings = tuple(names[given] for given in settings)
     out = (out or Path("reports") / run.name).resolve()
     everything = not figures and not tables
     fig_names = FIGURES if everything or "all" in figures else figures
     table_names = TABLES if everything or "all" in tables else tables
-    written_figures = (write_figures(run, fig_names, out, metric, settings)
+    written_figures = (write_figures(run, fig_names, out, metric, settings, size, limits)
                        if everything or figures else [])
     written_tables = (write_tables(run, table_names, out, settings,
                                    warn=lambda message: click.echo(message, err=True))
                       if everything or tables else [])
+    table_files = [path for table in written_tables for path in table.paths]
     if everything:
-        index = write_index(out, run.name, run.description, written_figures, written_tables,
-                            run.partial)
-        click.echo(f"wrote {len(written_figures)} figure files, {len(written_tables)} table "
+        index = write_index(out, run, written_figures, written_tables)
+        click.echo(f"wrote {len(written_figures)} figure files, {len(table_files)} table "
                    f"files and {index}")
     else:
-        for path in written_figures + written_tables:
+        for path in written_figures + table_files:
             click.echo(path)
     if run.partial:
         click.echo("note: partial run; unfinished trials are marked", err=True)
@@ -327,12 +380,15 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
                    "('none' to skip).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads (default: 1 on the CPU, for repeatable numbers).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the project's model (the runtime field `compile`); the "
+                   "reference loop stays eager.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also write every measurement to this JSON file.")
 def bench(model: str, width: int, batch_size: int, device: str, precision: str,
           interventions: tuple[str, ...], layers: str, train_steps: int, batches: int,
           repeats: int, warmup: int, split: bool, split_batches: int | None,
-          eval_images: int | None, trials_per_gpu: str, threads: int | None,
+          eval_images: int | None, trials_per_gpu: str, threads: int | None, compile_: bool,
           json_path: Path | None) -> None:
     """Images/s of the project's training step against a Rice-style reference loop (PGD-AT as
     in Rice et al.'s train_cifar.py, fp32, eager), per intervention, on random CIFAR-10-shaped
@@ -359,7 +415,7 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
         layers=layer_set, train_steps=train_steps,
         batches=batches, repeats=repeats, warmup=warmup, split=split,
         split_batches=split_batches, eval_images=eval_images,
-        trials_per_gpu=counts, threads=threads)
+        trials_per_gpu=counts, threads=threads, compile=compile_)
     result = run_bench(opts, echo=lambda message: click.echo(message, err=True))
     for line in format_report(result):
         click.echo(line)

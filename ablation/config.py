@@ -34,8 +34,9 @@ MODEL_MODES = ("train", "eval")
 # Fields that say where, on what or how fast a trial runs, not what it computes: they stay out of
 # the key, so a sweep moved to a cluster with another data path or device resumes instead of
 # restarting. The evaluation batch size only groups eval-mode attacks, which are independent per
-# image; channels_last only changes the memory layout (both: equal up to float rounding).
-RUNTIME_FIELDS = ("data_root", "download", "device", "test_batch_size", "channels_last")
+# image; channels_last only changes the memory layout and compile only how the forward is run
+# (all three: equal up to float rounding).
+RUNTIME_FIELDS = ("data_root", "download", "device", "test_batch_size", "channels_last", "compile")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TrialConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False  # NHWC memory layout on CUDA (faster convolutions; runtime field)
+    compile: bool = False  # torch.compile the model's forward (faster once compiled; runtime field)
 
     def __post_init__(self) -> None:
         for name, value in _paper_defaults(self).items():

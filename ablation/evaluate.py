@@ -19,7 +19,7 @@ from .curves import best_last
 from .data import Data, load_data
 from .io import load_json, load_torch, save_json
 from .provenance import provenance
-from .trainer import build_trial_model, resolve_device
+from .trainer import build_trial_model, load_best, resolve_device
 
 
 def write_summary(config: TrialConfig, workdir: str | Path, history: list[dict[str, Any]], *,
@@ -60,10 +60,11 @@ def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data) -> 
     partial = load_json(partial_path) if partial_path.exists() else {}
     out: dict[str, Any] = partial if partial.get("autoattack_n") == n else {}
     out["autoattack_n"] = n
-    for which, weights in (("best", "best_model"), ("last", "model")):
+    weights = {"best": lambda: load_best(workdir, checkpoint), "last": lambda: checkpoint["model"]}
+    for which in ("best", "last"):
         if f"{which}_autoattack_acc" in out:
             continue
-        model.load_state_dict(checkpoint[weights])
+        model.load_state_dict(weights[which]())
         out[f"{which}_autoattack_acc"] = autoattack_accuracy(
             model, data.test_x.to(device), data.test_y.to(device), threat, n, seed=config.seed)
         save_json(out, partial_path)
@@ -98,6 +99,9 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
         if device:
             config = config.replace(device=device)  # where it runs is not part of the key
         run.sync(files.trial_file(key, files.CHECKPOINT))
+        best = load_torch(run.trial_dir(key) / files.CHECKPOINT).get("best_epoch")
+        if best is not None:  # else a 0.2.0 checkpoint, which holds the best weights
+            run.sync(files.trial_file(key, files.best_checkpoint(best)))
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
         summary.update(autoattack_trial(config, run.trial_dir(key), n, data))
         run.write_json(files.trial_file(key, files.SUMMARY), summary)

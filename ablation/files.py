@@ -12,7 +12,10 @@ Run folder ``runs/<sweep>/``::
 
 Trial folder::
 
-    checkpoint.pt           weights, optimizer, RNG states, best weights, history (every epoch)
+    checkpoint.pt           weights, optimizer, RNG states, history (every epoch)
+    best-<epoch>.pt         the best epoch's weights (written when the best epoch changes)
+    fork-<epochs>.pt        a baseline's state after that many epochs, for the trials that fork
+                            from it (self-contained: it holds the best weights too)
     summary.json            best / last / diff (+ AutoAttack): written when the trial is done
     autoattack.partial.json the best weights' AutoAttack number while the last weights' runs
     attempts.log            one line per start of the trial: where it resumed (sweeps)
@@ -47,3 +50,13 @@ def curves_file(key: str) -> str:
 def trial_file(key: str, name: str = "") -> str:
     """A trial's folder (or a file in it), relative to the run folder's root."""
     return f"{TRIALS_DIR}/{key}" + (f"/{name}" if name else "")
+
+
+def best_checkpoint(epoch: int | str) -> str:
+    """The file of a trial's best weights, named by their 0-based epoch ("*" for a glob)."""
+    return f"best-{epoch}.pt"
+
+
+def fork_checkpoint(epochs: int) -> str:
+    """The file a baseline writes after ``epochs`` epochs for the trials that fork from it."""
+    return f"fork-{epochs}.pt"

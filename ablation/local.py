@@ -89,11 +89,11 @@ def check_out_folder(config: TrialConfig, out: Path) -> None:
 
 
 def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
-                threads: int | None, quiet: bool) -> None:
-    """Train (or resume) one trial into ``out``; optionally AutoAttack its best and last weights."""
+                threads: int, quiet: bool) -> None:
+    """Train (or resume) one trial into ``out`` with ``threads`` CPU threads; optionally
+    AutoAttack its best and last weights."""
     out = (out or Path("runs") / "train" / config.key).resolve()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     check_out_folder(config, out)
     trainer = Trainer(config, out)  # refuses another trial's checkpoint; writes nothing
     try:

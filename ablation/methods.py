@@ -14,12 +14,11 @@ class Method:
     """A training objective: ``attack`` makes the training batch, ``loss`` is minimised, and
     ``proxy_loss`` is the objective AWP ascends on its proxy network (docs/method.md B §4.1, §4.2).
 
-    Two constants follow the authors' script for the method: ``first_epoch`` is the number that
-    script gives its first epoch (AWP's warm-up is compared against it), ``awp_proxy_lr`` the
-    learning rate of AWP's proxy step (it cancels in AWP's d/||d|| but sets the rounding).
+    ``awp_proxy_lr`` follows the authors' script for the method: the learning rate of AWP's
+    proxy step (it cancels in AWP's d/||d|| but sets the rounding). The number each script gives
+    its first epoch, against which AWP's warm-up is compared, is ``schedule.FIRST_EPOCH``.
     """
 
-    first_epoch = 0
     awp_proxy_lr = 0.01
 
     def __init__(self, config: TrialConfig):
@@ -76,7 +75,6 @@ class TRADES(Method):
     epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2).
     """
 
-    first_epoch = 1
     awp_proxy_lr = 0.1
 
     def _attack(self, model, x, y):

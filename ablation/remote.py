@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
+import secrets
+import shutil
+import threading
 from pathlib import Path
 
 from .errors import AblateError, ConfigError
@@ -110,3 +114,61 @@ class Remote:
                 self.fs.delete_file(self._path(rel))
         except OSError as err:
             raise self._fail("delete", rel, err) from None
+
+
+class BackgroundUploads:
+    """A trial's files sent to the URI by a thread of their own, in the order handed over, so
+    that training goes on while a checkpoint travels.
+
+    Each file is hard-linked (copied where links fail) when it is handed over, so the atomic
+    replacement or removal of the file that follows does not change what is sent. At most one
+    batch waits behind the one in flight: a store slower than an epoch slows training instead of
+    piling up copies. An upload's failure is raised by the next ``submit`` or ``flush``.
+    """
+
+    def __init__(self, remote: Remote, root: Path):
+        self.remote, self.root = remote, root
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        threading.Thread(target=self._work, name="ablate-uploads", daemon=True).start()
+
+    def submit(self, written: list[Path], removed: list[Path] = ()) -> None:
+        """Send ``written`` (in order), then delete ``removed`` at the URI."""
+        self._raise()
+        staged = []
+        for path in written:
+            stage = path.with_name(f".{path.name}.{secrets.token_hex(4)}.upload")
+            try:
+                os.link(path, stage)
+            except OSError:
+                shutil.copyfile(path, stage)
+            staged.append((stage, self._rel(path)))
+        self.queue.put((staged, [self._rel(p) for p in removed]))
+
+    def flush(self) -> None:
+        """Return once everything handed over is at the URI."""
+        self.queue.join()
+        self._raise()
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        while True:
+            staged, removed = self.queue.get()
+            try:
+                if self.error is None:
+                    for stage, rel in staged:
+                        self.remote.upload(stage, rel)
+                    for rel in removed:
+                        self.remote.delete(rel)
+            except BaseException as err:  # raised in the training thread, at its next call
+                self.error = err
+            finally:
+                for stage, _ in staged:
+                    stage.unlink(missing_ok=True)
+                self.queue.task_done()

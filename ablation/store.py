@@ -27,6 +27,7 @@ from . import files
 from .config import TrialConfig, from_dict
 from .curves import best_last
 from .errors import AblateError, ConfigError
+from .fork import Fork
 from .grid import Sweep
 from .io import atomic_path, load_json, save_json, save_parquet
 from .remote import Remote, is_uri, mirror_dir
@@ -167,7 +168,8 @@ class RunDir:
     def add_epochs(self, config: TrialConfig, rows: list[dict[str, Any]]) -> None:
         """Append epoch rows of one trial; a repeated epoch replaces the stored one."""
         ident = config.columns()
-        new = pd.DataFrame([{**ident, **row} for row in rows])
+        # forked_from: the parent whose checkpoint a row was copied from ("" when trained here)
+        new = pd.DataFrame([{**ident, "forked_from": "", **row} for row in rows])
         merged = pd.concat([self.curves(config.key), new], ignore_index=True) \
             if len(self.curves(config.key)) else new
         merged = (merged.drop_duplicates(subset=["key", "epoch"], keep="last")
@@ -272,16 +274,39 @@ def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConf
 
 
 def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
-                 autoattack: int | None) -> list[dict[str, Any]]:
-    """What each Tune trial receives; relative data roots become absolute (workers chdir)."""
+                 autoattack: int | None, forks: dict[str, Fork]
+                 ) -> tuple[list[dict[str, Any]], dict[str, Fork], set[tuple[str, int]]]:
+    """What each Tune trial receives (relative data roots become absolute: workers chdir), the
+    trials that wait for their parent's fork file, and the fork files that exist already.
+
+    A trial that has a checkpoint of its own resumes from it and waits for nothing. A trial whose
+    parent is done starts from the parent's fork file if there is one, else from scratch (its
+    parent ran without forking). Parents write a fork file at each of their children's points."""
+    present = set(run.remote.files(files.TRIALS_DIR)) if run.remote else None
+
+    def have(rel: str) -> bool:
+        return rel in present if present is not None else (run.root / rel).exists()
+
+    waiting, ready, points = {}, set(), {}
+    for key, fork in forks.items():
+        if key not in todo or have(files.trial_file(key, files.CHECKPOINT)):
+            continue
+        if have(files.trial_file(fork.parent, files.fork_checkpoint(fork.epochs))):
+            ready.add((fork.parent, fork.epochs))
+        elif fork.parent not in todo:
+            continue  # its parent finished without the file: nothing to wait for
+        waiting[key] = fork
+        points.setdefault(fork.parent, set()).add(fork.epochs)
     out = []
     for key, config in todo.items():
         root = Path(config.data_root).expanduser()
         if not root.is_absolute():
             config = config.replace(data_root=str(root.resolve()))  # not in the key: same trial
         out.append({"key": key, "config": config.to_dict(), "run": run.location,
-                    "threads": threads, "autoattack": autoattack})
-    return out
+                    "threads": threads, "autoattack": autoattack,
+                    "fork": waiting[key].to_dict() if key in waiting else None,
+                    "fork_points": sorted(points.get(key, ()))})
+    return out, waiting, ready
 
 
 def _driver_alive(driver: dict[str, Any] | None) -> bool:

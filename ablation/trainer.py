@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,16 @@ from torch import Tensor
 
 from . import files
 from .attacks import ThreatModel, pgd, random_start
-from .config import TrialConfig
+from .config import TrialConfig, from_dict
 from .curves import best_last
 from .data import Data, DatasetInfo, augment, load_data
 from .errors import ConfigError, TrainingDiverged
+from .fork import Fork, batches_per_epoch, shared_epochs
 from .interventions import build_intervention
 from .io import load_torch, save_torch
 from .methods import build_method
 from .models import build_model
+from .schedule import learning_rate, schedule_time
 
 CHECKPOINT_FORMAT = 1
 DIVERGENCE_CHECK = 50  # batches between reads of the on-device divergence flag
@@ -42,6 +45,10 @@ class Reporter:
     def progress(self, epoch: int, batch: int, batches: int) -> None:
         """Called after each training batch."""
 
+    def written(self, paths: list[Path], removed: list[Path]) -> None:
+        """Called after each epoch with the files of the trial folder written (in the order a
+        copy elsewhere must receive them: the checkpoint last) and removed in that epoch."""
+
     def epoch(self, row: dict[str, float], checkpoint: Path) -> None:
         """Called after each epoch, once its checkpoint is on disk."""
 
@@ -53,19 +60,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"key 'device': {name!r} asked for, but CUDA is not available here")
     return device
-
-
-def learning_rate(config: TrialConfig, t: float) -> float:
-    """Piecewise schedule at fractional epoch t: lr_max, x0.1 at each milestone (B §3.1)."""
-    drops = sum(t >= m * config.epochs for m in config.milestones)
-    return config.lr_max * 0.1**drops
-
-
-def schedule_time(config: TrialConfig, epoch: int, batch: int, batches: int) -> float:
-    """When batch i of epoch e is trained: e + (i+1)/N per iteration (Rice), e + 1 per epoch."""
-    if config.lr_update == "iteration":
-        return epoch + (batch + 1) / batches
-    return epoch + 1.0
 
 
 def seed_everything(seed: int) -> None:
@@ -106,8 +100,14 @@ def build_trial_model(config: TrialConfig, info: DatasetInfo) -> torch.nn.Module
 class Trainer:
     """One trial: data and model on the device, the method, the intervention and the optimizer."""
 
-    def __init__(self, config: TrialConfig, workdir: str | Path, data: Data | None = None):
-        """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images)."""
+    def __init__(self, config: TrialConfig, workdir: str | Path, data: Data | None = None,
+                 fork: Fork | None = None, fork_points: Iterable[int] = ()):
+        """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images).
+
+        A folder without a checkpoint starts from ``fork``'s parent checkpoint when that file
+        is given and exists (see :func:`fork_path`); ``fork_points`` are the epoch counts after
+        which this trial writes such a file for the trials that fork from it.
+        """
         self.config = config
         self.workdir = Path(workdir).resolve()  # Ray may change the working directory
         self.checkpoint_path = self.workdir / files.CHECKPOINT
@@ -123,10 +123,35 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.method = build_method(config)
-        self.intervention = build_intervention(self.model, config)
+        self.intervention = build_intervention(self.model, config)  # AWP's proxy: an eager copy
+        if config.compile:
+            # In place (nn.Module.compile): self.model keeps its parameter names, so checkpoints
+            # are the same compiled or not and each resumes the other; attack, training, logging
+            # pass and evaluation all run compiled. Dynamic batch size: the short last batch and
+            # the eval batches share graphs (one per train/eval mode x input grad / weight grad /
+            # no grad; 7 with Inductor on the CPU). No CUDA graphs ("reduce-overhead"): a replay
+            # overwrites the previous replay's outputs, and the trainer keeps some (logits_adv
+            # past the logging pass); not verified on a GPU, so off. AWP's proxy stays eager: 1
+            # of the 13 forwards of a PGD-10 batch, and its frozen weights need graphs of their
+            # own. Graphs are per process: a later trial in it reuses them (fix_param's frozen
+            # weights add some, hence a limit above dynamo's 8, past which it runs eagerly), but
+            # Tune (reuse_actors off) starts each trial in a new process, which traces again and
+            # takes Inductor's kernels from its on-disk cache.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.model.compile(dynamic=True)
+        # On CUDA one fused kernel does the whole SGD update (the same formula, equal up to
+        # float rounding); elsewhere torch's default. A checkpoint's param groups carry the
+        # fused/foreach flags of the device that wrote it; a resume keeps this device's.
         self.optimizer = torch.optim.SGD(self.intervention.param_groups(), lr=config.lr_max,
                                          momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+                                         weight_decay=config.weight_decay,
+                                         fused=self.device.type == "cuda" or None)
+        flags = {k: self.optimizer.defaults[k] for k in ("fused", "foreach")}
+
+        def keep_device_flags(optimizer: torch.optim.Optimizer) -> None:
+            for group in optimizer.param_groups:
+                group.update(flags)
+        self.optimizer.register_load_state_dict_post_hook(keep_device_flags)
         self.eval_threat = ThreatModel(config.threat, config.eps, config.step)
         # A fixed subset of the (unaugmented) training set, attacked in eval mode each epoch (A.8).
         n_train = len(self.data.train_y)
@@ -134,10 +159,15 @@ class Trainer:
         index = torch.randperm(n_train, generator=chooser)[:min(config.train_eval_size, n_train)]
         self.train_eval = (self.data.train_x[index.to(self.device)],
                            self.data.train_y[index.to(self.device)])
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
+        self.best_saved: int | None = None  # the epoch whose weights this folder's best file holds
+        self.fork_points = sorted(set(fork_points))
+        self.forked_from: str | None = None
         if self.checkpoint_path.exists():
             self._load_checkpoint()
+        elif fork is not None and fork_path(self.workdir, fork).exists():
+            self._start_from_fork(fork)
         self.finished_at_start = self.finished  # its weights are those of any summary on disk
 
     @property
@@ -156,12 +186,16 @@ class Trainer:
             row = self.train_epoch(epoch, reporter)
             row.update(self.eval_epoch())
             self.history.append(row)
-            if best_last(self.history)["best_epoch"] == epoch:
+            if self.best_epoch == epoch:
                 self.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self.model.state_dict().items()}
-            self._save_checkpoint()
+            reporter.written(*self._save_checkpoint())
             reporter.epoch(dict(row), self.checkpoint_path)
         return list(self.history)
+
+    @property
+    def best_epoch(self) -> int:
+        return best_last(self.history)["best_epoch"]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -290,27 +324,59 @@ class Trainer:
         loss, acc, robust_loss, robust_acc = (sums / len(labels)).tolist()
         return {"loss": loss, "acc": acc, "robust_loss": robust_loss, "robust_acc": robust_acc}
 
-    def _save_checkpoint(self) -> None:
-        save_torch({
+    def _state(self) -> dict[str, Any]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {
             "format": CHECKPOINT_FORMAT,
             "key": self.config.key,
             "config": self.config.to_dict(),
             "epoch": self.epochs_done - 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            # The optimizer numbers parameters in its groups' order; a fork, whose groups differ
+            # (fix-lr splits them), finds its momentum buffers by name.
+            "param_names": [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]],
             "intervention": self.intervention.state_dict(),
             "rng": rng_state(),
-            "best_model": self.best_state,
+            "best_epoch": self.best_epoch,
             "history": self.history,
-        }, self.checkpoint_path)
+        }
+
+    def _save_checkpoint(self) -> tuple[list[Path], list[Path]]:
+        """Write the epoch's files, each atomically, in an order that a kill between any two
+        leaves resumable: a fork file (self-contained: it holds the best weights), the best
+        weights when they changed (``best-<epoch>.pt``: a new name, so the checkpoint on disk
+        still finds its own), the checkpoint naming them, then the older best file goes.
+        Returns (written, removed)."""
+        state, written, removed = self._state(), [], []
+        if self.epochs_done in self.fork_points:
+            path = self.workdir / files.fork_checkpoint(self.epochs_done)
+            save_torch({**state, "best_model": self.best_state}, path)
+            written.append(path)
+        best = state["best_epoch"]
+        if best != self.best_saved:
+            path = self.workdir / files.best_checkpoint(best)
+            save_torch({"key": self.config.key, "epoch": best, "model": self.best_state}, path)
+            written.append(path)
+        save_torch(state, self.checkpoint_path)
+        written.append(self.checkpoint_path)
+        if best != self.best_saved:
+            if self.best_saved is not None:
+                old = self.workdir / files.best_checkpoint(self.best_saved)
+                old.unlink(missing_ok=True)
+                removed.append(old)
+            self.best_saved = best
+        return written, removed
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        try:
+            return load_torch(path)
+        except Exception as err:  # a torn file cannot happen (atomic writes), a foreign one can
+            raise ConfigError(f"{path}: not a readable ablate checkpoint ({type(err).__name__}); "
+                              "move it away or use another output folder") from None
 
     def _load_checkpoint(self) -> None:
-        try:
-            state = load_torch(self.checkpoint_path)
-        except Exception as err:  # a torn file cannot happen (atomic writes), a foreign one can
-            raise ConfigError(f"{self.checkpoint_path}: not a readable ablate checkpoint "
-                              f"({type(err).__name__}); move it away or use another output "
-                              "folder") from None
+        state = self._read(self.checkpoint_path)
         if state.get("key") != self.config.key:
             raise ConfigError(f"{self.checkpoint_path}: holds trial {state.get('key')!r}, not "
                               f"{self.config.key!r}; use another output folder")
@@ -318,5 +384,55 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.intervention.load_state_dict(state["intervention"])
         set_rng_state(state["rng"])
-        self.best_state = state["best_model"]
         self.history = state["history"]
+        self.best_state = load_best(self.workdir, state)
+        self.best_saved = state.get("best_epoch")  # None in 0.2.0's, which held the weights
+        for path in self.workdir.glob(files.best_checkpoint("*")):  # one a kill left behind
+            if path.name != files.best_checkpoint(self.best_saved):
+                path.unlink()
+
+    def _start_from_fork(self, fork: Fork) -> None:
+        """Start where the parent trial was after ``fork.epochs`` epochs, when the two trials
+        compute the same thing until then (checked again here with the loaded data's batch
+        count); the prefix's rows are the parent's, marked with its key."""
+        path = fork_path(self.workdir, fork)
+        state = self._read(path)
+        parent = from_dict(state["config"], source=str(path))
+        batches = batches_per_epoch(self.config, len(self.data.train_y))
+        if state.get("key") != fork.parent or len(state["history"]) != fork.epochs \
+                or shared_epochs(parent, self.config, batches) < fork.epochs:
+            raise ConfigError(f"{path}: not trial {fork.parent}'s state after {fork.epochs} "
+                              f"epochs shared with {self.config.key}; delete it to train the "
+                              "trial from scratch")
+        self.model.load_state_dict(state["model"])
+        momentum = {state["param_names"][i]: buffers  # the parent's, by parameter name
+                    for i, buffers in state["optimizer"]["state"].items()}
+        own = self.optimizer.state_dict()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        own["state"] = {i: momentum[n] for i, n in enumerate(order) if n in momentum}
+        self.optimizer.load_state_dict(own)
+        set_rng_state(state["rng"])
+        fixed = [g["lr"] for g in self.optimizer.param_groups if g.get("fixed_lr")]
+        self.history = [{**row, "lr_fixed": fixed[0] if fixed else math.nan,
+                         "forked_from": fork.parent} for row in state["history"]]
+        self.best_state = state["best_model"]
+        self.forked_from = fork.parent
+
+
+def fork_path(workdir: Path, fork: Fork) -> Path:
+    """Where a trial in ``workdir`` finds its fork's parent checkpoint: in the parent's folder,
+    beside its own (trial folders are siblings in a run folder)."""
+    return workdir.parent / fork.parent / files.fork_checkpoint(fork.epochs)
+
+
+def load_best(workdir: Path, state: dict[str, Any]) -> dict[str, Tensor]:
+    """The best weights a checkpoint refers to, from their file beside it (a checkpoint of
+    version 0.2.0 holds them itself)."""
+    if "best_model" in state:
+        return state["best_model"]
+    path = Path(workdir) / files.best_checkpoint(state["best_epoch"])
+    if not path.exists():
+        raise ConfigError(f"{path}: missing; the checkpoint beside it refers to it (delete both "
+                          "to train the trial again)")
+    return load_torch(path)["model"]

@@ -26,29 +26,49 @@ from .config import TrialConfig, from_dict
 from .datafiles import check_data
 from .errors import AblateError, ConfigError, DataError
 from .evaluate import write_summary
+from .fork import Fork
 from .store import RunDir, trial_params
 from .trainer import Reporter, Trainer
 
 
 class TuneReporter(Reporter):
     """Reports each epoch to Tune; on start it replays the epochs a checkpoint already holds, so
-    the driver's store is complete even if an earlier driver died before receiving them. Each
-    epoch's checkpoint reaches the run folder's URI (if any) before the epoch is reported."""
+    the driver's store is complete even if an earlier driver died before receiving them.
 
-    def __init__(self, run: RunDir):
-        self.run = run
+    At a URI, each epoch's files go up on a background thread while the next epoch trains (a
+    worker killed before its checkpoint arrives costs that epoch again, never a wrong one: the
+    resumed trial recomputes it bit for bit); a fork file is sent before its epoch is reported,
+    since the driver then releases the trials that start from it, maybe on another node. Each
+    report names the fork files the trial folder holds."""
+
+    def __init__(self, run: RunDir, workdir: Path):
+        from .remote import BackgroundUploads
+
+        self.run, self.workdir = run, workdir
+        self.uploads = BackgroundUploads(run.remote, run.root) if run.remote else None
+
+    def _report(self, row) -> None:
+        from ray import tune
+
+        forks = sorted(int(p.stem.split("-")[1]) for p in self.workdir.glob(files.fork_checkpoint("*")))
+        tune.report({"row": row, "pid": os.getpid(), "forks": forks})
 
     def start(self, config, history):
-        from ray import tune
-
         for row in history:
-            tune.report({"row": row, "pid": os.getpid()})
+            self._report(row)
+
+    def written(self, paths, removed):
+        if self.uploads:
+            self.uploads.submit(paths, removed)
+            if any(p.name.startswith("fork-") for p in paths):
+                self.uploads.flush()
 
     def epoch(self, row, checkpoint):
-        from ray import tune
+        self._report(row)
 
-        self.run.push(checkpoint)
-        tune.report({"row": row, "pid": os.getpid()})
+    def flush(self) -> None:
+        if self.uploads:
+            self.uploads.flush()
 
 
 def ablate_trial(params: dict[str, Any]) -> None:
@@ -56,8 +76,12 @@ def ablate_trial(params: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from .fork import Fork
+    from .io import load_torch
+
     spec = params["trial"]
     key, config = spec["key"], from_dict(spec["config"], source=spec["key"])
+    fork = Fork(**spec["fork"]) if spec.get("fork") else None
     try:  # this node's copy of the data, before anything is pulled or trained
         check_data(config.dataset, config.data_root, config.download)
     except DataError as err:
@@ -70,14 +94,26 @@ def ablate_trial(params: dict[str, Any]) -> None:
         # A worker orphaned by a killed driver may still hold this trial; wait for it to end
         # rather than write the same checkpoint from two processes.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name in (files.CHECKPOINT, files.SUMMARY, files.ATTEMPTS):
-            run.sync(files.trial_file(key, name))  # the URI's copy is the truth, not this node's
-        trainer = Trainer(config, workdir)
+        # The URI's copy is the truth, not this node's.
+        for name in (files.SUMMARY, files.ATTEMPTS,
+                     *(files.fork_checkpoint(e) for e in spec.get("fork_points", ()))):
+            run.sync(files.trial_file(key, name))
+        if run.sync(files.trial_file(key, files.CHECKPOINT)):
+            best = load_torch(workdir / files.CHECKPOINT).get("best_epoch")
+            if best is not None:  # else a 0.2.0 checkpoint, which holds the best weights
+                run.sync(files.trial_file(key, files.best_checkpoint(best)))
+        elif fork:
+            run.sync(files.trial_file(fork.parent, files.fork_checkpoint(fork.epochs)))
+        trainer = Trainer(config, workdir, fork=fork, fork_points=spec.get("fork_points", ()))
+        start = f"starts at epoch {trainer.epochs_done}" + (
+            f" from {trainer.forked_from}'s checkpoint" if trainer.forked_from else "")
         with open(workdir / files.ATTEMPTS, "a") as log:  # one line per start: resumed where
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on "
-                      f"{socket.gethostname()} starts at epoch {trainer.epochs_done}\n")
+                      f"{socket.gethostname()} {start}\n")
         run.push(workdir / files.ATTEMPTS)
-        history = trainer.fit(TuneReporter(run))
+        reporter = TuneReporter(run, workdir)
+        history = trainer.fit(reporter)
+        reporter.flush()  # the final checkpoint is at the URI before the summary says done
         summary = write_summary(config, workdir, history, autoattack=spec.get("autoattack"),
                                 data=trainer.data, weights_changed=not trainer.finished_at_start)
         run.push(workdir / files.SUMMARY)
@@ -109,6 +145,58 @@ class SweepProgress:
 
 def _key(trial) -> str:
     return trial.config["trial"]["key"]
+
+
+def make_searcher(params: list[dict[str, Any]], waiting: dict[str, Fork],
+                  ready: set[tuple[str, int]]):
+    """The Tune Searcher that hands out a sweep's trials: first the baselines that other trials
+    fork from, then the trials that wait for nothing, and each trial in ``waiting`` once its
+    parent's fork file exists (``suggest`` says None until then; ``ready`` holds the (parent,
+    epochs) files that exist already). A waiting trial whose file cannot come any more, because
+    its parent went past the fork point without writing it or ended, is handed out without its
+    fork and trains from scratch: nothing waits forever."""
+    from ray.tune.search import Searcher
+
+    class ForkSearcher(Searcher):
+        def __init__(self):
+            super().__init__()
+            parents = {f.parent for f in waiting.values()}
+            self.queue = sorted((p for p in params if p["key"] not in waiting),
+                                key=lambda p: p["key"] not in parents)  # stable: parents first
+            self.waiting = {p["key"]: p for p in params if p["key"] in waiting}
+            self.ready, self.ended = set(ready), set()
+            self.epochs: dict[str, int] = {}  # epochs each running trial has reported
+            self.keys: dict[str, str] = {}  # Tune's trial id -> ablate key
+
+        def suggest(self, trial_id):
+            for key, p in list(self.waiting.items()):
+                fork = waiting[key]
+                if (fork.parent, fork.epochs) in self.ready:
+                    self.queue.append(self.waiting.pop(key))
+                elif fork.parent in self.ended or self.epochs.get(fork.parent, 0) >= fork.epochs:
+                    self.queue.append({**self.waiting.pop(key), "fork": None})
+            if not self.queue:
+                return None if self.waiting else Searcher.FINISHED
+            p = self.queue.pop(0)
+            self.keys[trial_id] = p["key"]
+            return {"trial": p}
+
+        def on_trial_result(self, trial_id, result):
+            key = self.keys.get(trial_id)  # Tune flattens results: "row/epoch"
+            if key is not None and "row/epoch" in result:
+                self.epochs[key] = max(self.epochs.get(key, 0), int(result["row/epoch"]) + 1)
+                self.ready.update((key, int(e)) for e in result.get("forks") or ())
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.ended.add(self.keys.get(trial_id))
+
+        def save(self, checkpoint_path):  # nothing to restore: each `ablate run` plans anew
+            Path(checkpoint_path).write_text(json.dumps(sorted(self.waiting)))
+
+        def restore(self, checkpoint_path):
+            pass
+
+    return ForkSearcher()
 
 
 def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str, str],
@@ -377,6 +465,7 @@ class WaitWatch:
     def __init__(self, request: dict[str, float], max_concurrent: int | None):
         self.request, self.max_concurrent = request, max_concurrent
         self.line: str | None = None
+        self.searcher = None  # the ForkSearcher, whose waiting trials are no Tune trials yet
         self.since: dict[str, float] = {}  # trial key -> when it was first seen pending
         self.checked = time.monotonic()
 
@@ -403,6 +492,10 @@ class WaitWatch:
             free = ray.available_resources()
             line = (f"{waiting} trial(s) wait for {_fmt(self.request)} (free now: "
                     f"{_fmt({k: free.get(k, 0.0) for k in self.request})})")
+        forks = len(self.searcher.waiting) if self.searcher else 0
+        if forks:
+            line = "; ".join(filter(None, [line, f"{forks} trial(s) wait for their baseline's "
+                                                  "fork checkpoint"]))
         changed, self.line = line != self.line, line
         return changed
 
@@ -439,13 +532,15 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
 def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
               cpus_per_trial: float, gpus_per_trial: float | None, max_concurrent: int | None,
               max_failures: int, autoattack: int | None, progress,
+              forks: dict[str, Fork] | None = None,
               echo=lambda message: None) -> dict[str, str]:
     """Dispatch the trials through Ray Tune, inside ``ray_cluster`` (which names the ``cluster``
     joined, None for a local Ray); returns the final state of each trial.
 
     ``gpus_per_trial=None`` means one GPU per trial if the Ray cluster has GPUs, else none.
     A trial no node can hold is one line (AblateError, see wait_for_capacity). Ctrl-C raises
-    KeyboardInterrupt here, with no trial marked.
+    KeyboardInterrupt here, with no trial marked. ``forks`` (see :mod:`ablation.fork`) start
+    trials from their baseline's checkpoint; None trains every trial from its first epoch.
     """
     import ray
     from ray import tune
@@ -461,12 +556,13 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
     states = {key: "pending" for key in todo}
     run.write_states(states, waiting=watch.line)
     threads = max(1, int(cpus_per_trial))
-    params = trial_params(run, todo, threads, autoattack)
+    params, waiting, ready = trial_params(run, todo, threads, autoattack, forks or {})
     trainable = tune.with_resources(ablate_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    watch.searcher = make_searcher(params, waiting, ready)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(params)},
         tune_config=tune.TuneConfig(
+            search_alg=watch.searcher, num_samples=len(params),
             max_concurrent_trials=max_concurrent,
             trial_name_creator=_key, trial_dirname_creator=_key),
         run_config=tune.RunConfig(

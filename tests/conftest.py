@@ -149,8 +149,14 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
         def __init__(self, config, limit):
             self.config, self.limit = config, limit
 
+        def written(self, paths, removed):  # as the Ray workers do (there, on a thread)
+            for path in paths:
+                run.push(path)
+            if run.remote:
+                for path in removed:
+                    run.remote.delete(path.relative_to(run.root).as_posix())
+
         def epoch(self, row, checkpoint):
-            run.push(checkpoint)  # as the Ray workers do
             run.add_epochs(self.config, [row])
             if row["epoch"] + 1 == self.limit:
                 raise StopIteration

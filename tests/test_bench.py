@@ -1,5 +1,6 @@
 """``ablate bench``: the Rice reference step, the timing summary, and the command end to end."""
 
+import dataclasses
 import json
 
 import pytest
@@ -154,3 +155,13 @@ def test_bad_options_are_one_line_errors(capsys, args, message):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_compile_is_a_variant_of_the_project_step_only(tmp_path):
+    # Cheap: nothing is traced before the first forward, which this test never runs.
+    opts = dataclasses.replace(TINY, compile=True)
+    config = trial_config(opts, "awp", CPU)
+    assert config.compile and config.key == trial_config(TINY, "awp", CPU).key
+    trainer = Trainer(config, tmp_path, data=random_data(8, 8, seed=0, device=CPU))
+    assert trainer.model._compiled_call_impl is not None, "the project's model is compiled"
+    assert reference_for(config, CPU).model._compiled_call_impl is None, "the reference is not"

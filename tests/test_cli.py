@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_trial
+from test_sweep import TIMING, reference_curves
+
+from ablation.config import load_trial
 
 CURVE_COLUMNS = {"key", "dataset", "model", "method", "threat", "intervention", "layers", "seed",
                  "epoch", "lr", "train_loss", "train_acc", "train_robust_loss", "train_robust_acc",
@@ -32,10 +35,13 @@ def write(path, trial):
 def test_train_writes_curves_summary_and_checkpoint_then_resumes(tmp_path):
     trial = write(tmp_path / "t.yaml", tiny_trial(epochs=3, intervention="awp", layers=[3, 4]))
     out = tmp_path / "out"
-    done = ablate("train", trial, "--out", out, "--quiet", "--threads", "1")
+    done = ablate("train", trial, "--out", out, "--quiet")  # 1 thread, as a sweep's trial
     assert done.returncode == 0, done.stderr
     curves = pd.read_parquet(out / "curves.parquet")
     assert CURVE_COLUMNS <= set(curves.columns)
+    ref = reference_curves(load_trial(trial), tmp_path)  # what `ablate run` stores for it
+    pd.testing.assert_frame_equal(curves[ref.columns].drop(columns=TIMING),
+                                  ref.drop(columns=TIMING), check_exact=True)
     assert list(curves.epoch) == [0, 1, 2] and curves.key.nunique() == 1
     assert (curves.layers == "3,4").all() and (curves.intervention == "awp").all()
     summary = json.loads((out / "summary.json").read_text())

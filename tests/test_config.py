@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from ablation.config import TrialConfig, from_dict, load_trial, parse_yaml
+from ablation.config import RUNTIME_FIELDS, TrialConfig, from_dict, load_trial, parse_yaml
 from ablation.errors import ConfigError
 
 
@@ -56,10 +56,17 @@ def test_key_is_readable_and_stable_across_processes():
     assert c.key == "cifar10-linf-preact18-at-fix_lr-34-s0-73cad2d2"
 
 
+def test_a_new_runtime_field_leaves_every_key_as_it_was():
+    # The default trial's key, recorded before `compile` was added (0.2.0's fields): a field that
+    # only changes speed must not orphan the stored runs.
+    assert from_dict({}).key == "cifar10-linf-preact18-at-none-s0-484cb3bf"
+    assert "compile" in RUNTIME_FIELDS and "compile" not in from_dict({}).identity()
+
+
 def test_key_changes_with_what_is_computed_but_not_with_where_it_runs():
     c = from_dict({})
     assert c.replace(data_root="/scratch/data", device="cuda", download=True,
-                     test_batch_size=1024, channels_last=True).key == c.key
+                     test_batch_size=1024, channels_last=True, compile=True).key == c.key
     for change in ({"seed": 1}, {"awp_gamma": 0.02}, {"epochs": 100}, {"precision": "bf16"},
                    {"log_pass_mode": "eval"}):
         assert c.replace(**change).key != c.key, change
@@ -75,6 +82,7 @@ def test_key_changes_with_what_is_computed_but_not_with_where_it_runs():
     ({"eps": 8}, "write 8/255"),
     ({"epochs": 2.5}, "key 'epochs'"),
     ({"download": "yes"}, "key 'download'"),
+    ({"compile": 1}, "key 'compile' must be true or false"),
     ({"threat": "l1"}, "key 'threat': 'l1' is not one of linf, l2"),
     ({"device": "gpu"}, "key 'device'"),
     ({"milestones": [0.75, 0.5]}, "key 'milestones'"),

@@ -141,3 +141,27 @@ def test_fix_lr_puts_the_chosen_groups_in_a_fixed_group():
     assert [ids[id(p)] for p in groups[1]["params"]] == group_names(model, (3, 4))
     assert groups[1]["fixed_lr"] and not groups[0].get("fixed_lr")
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_awp_foreach_updates_equal_the_authors_per_tensor_loop_bit_for_bit(dtype):
+    # utils_awp.py: diff_in_weights computes ||w|| / (||d|| + 1e-20) * d per tensor, and
+    # add_into_weights adds coeff * v with coeff = +gamma, then -gamma. On the CPU the
+    # torch._foreach_* calls must give the same bits as that loop, not only the same numbers.
+    cfg, model, x, x_adv, y = tiny("awp_full", ())
+    model.to(dtype)
+    x, x_adv = x.to(dtype), x_adv.to(dtype)
+    awp = build_intervention(model, cfg)
+    model.train()
+    start = [w.detach().clone() for w in awp.params]
+    awp.before_step(0, build_method(cfg), x, x_adv, y)
+    diffs = [q.detach() - w for q, w in zip(awp.proxy_params, start)]
+    v = [w.norm() / (d.norm() + 1e-20) * d for w, d in zip(start, diffs)]
+    perturbed = [w + cfg.awp_gamma * d for w, d in zip(start, v)]
+    for name, got, want in zip(awp.perturbed, awp.v, v):
+        assert torch.equal(got, want), f"{name}: v differs from the authors' loop"
+    for name, got, want in zip(awp.perturbed, awp.params, perturbed):
+        assert torch.equal(got, want), f"{name}: w + gamma*v differs from the authors' loop"
+    awp.after_step()
+    for name, got, w, d in zip(awp.perturbed, awp.params, perturbed, v):
+        assert torch.equal(got, w + -cfg.awp_gamma * d), f"{name}: the restore differs"

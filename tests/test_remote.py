@@ -93,3 +93,38 @@ def test_a_bucket_that_does_not_exist_gives_one_line_errors(bucket):
     with pytest.raises(AblateError, match="missing-b") as error:
         run.write_states({})  # the first write names the URI and the reason
     assert "\n" not in str(error.value) and "state.json" in str(error.value)
+
+
+def test_background_uploads_send_what_was_handed_over_in_order_and_raise_a_failure(tmp_path):
+    """A file replaced (atomically) or removed after it was handed over still arrives as it was
+    then; a deletion follows its batch's uploads; a failed upload surfaces in the caller."""
+    from ablation.io import save_json
+    from ablation.remote import BackgroundUploads
+
+    local, bucket = tmp_path / "mirror", tmp_path / "bucket"
+    remote = Remote(f"file://{bucket}")
+    uploads = BackgroundUploads(remote, local)
+    best, checkpoint = local / "t" / "best-1.pt", local / "t" / "checkpoint.pt"
+    save_json({"epoch": 1}, best)
+    save_json({"best": 1}, checkpoint)
+    uploads.submit([best, checkpoint])
+    save_json({"best": 2}, checkpoint)  # the next epoch's, replacing it at once
+    best.unlink()
+    uploads.flush()
+    assert (bucket / "t" / "best-1.pt").read_text() == '{\n  "epoch": 1\n}\n'
+    assert (bucket / "t" / "checkpoint.pt").read_text() == '{\n  "best": 1\n}\n'
+    uploads.submit([checkpoint], [best])
+    uploads.flush()
+    assert not (bucket / "t" / "best-1.pt").exists()
+    assert "2" in (bucket / "t" / "checkpoint.pt").read_text()
+    assert not [p for p in local.rglob(".*") if p.is_file()]  # no staged copy is left
+
+    def broken(path, rel):
+        raise AblateError(f"{rel}: cannot write (the store is down)")
+
+    remote.upload = broken
+    uploads.submit([checkpoint])
+    with pytest.raises(AblateError, match="checkpoint.pt: cannot write"):
+        uploads.flush()
+    with pytest.raises(AblateError):  # and every later call, until the trial is retried
+        uploads.submit([checkpoint])

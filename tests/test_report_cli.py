@@ -64,17 +64,27 @@ def test_report_writes_everything_and_an_index_whose_links_exist(study_run, tmp_
     parser.feed((out / "index.html").read_text())
     assert any(t.endswith(".png") for t in parser.targets)
     assert any(t.endswith(".tex") for t in parser.targets)
-    for target in parser.targets:
+    for target in (t for t in parser.targets if not t.startswith("#")):
         assert (out / target).is_file(), target
     for name in ("fix_param", "fix_lr", "awp", "heatmap"):
         assert list(out.glob(f"{name}*.png")) and list(out.glob(f"{name}*.pdf")), name
+    # The index shows the Markdown's tables (display names, footnotes), not raw CSV columns,
+    # with a table of contents whose anchors exist, the run's state and provenance.
+    page = (out / "index.html").read_text()
+    assert "PGD-2 Best" in page and "pgd_best" not in page and "True" not in page
+    assert "AutoAttack was not run." in page and "Holm-adjusted" in page
+    anchors = [t[1:] for t in parser.targets if t.startswith("#")]
+    assert "tab-best-last" in anchors and "state" in anchors
+    assert all(f"id='{a}'" in page for a in anchors), anchors
+    assert "47 trials: 47 done" in page
+    assert "ablate_version" in page and "torch_version" in page
 
 
 def test_report_single_figure_and_table_and_bad_input(study_run, tmp_path):
     out = tmp_path / "one"
     done = ablate("report", study_run, "--figure", "fix_lr", "--figure", "gap", "--table",
                   "best-last", "--out", out, "--metric", "train_robust_acc",
-                  "--setting", "AT_awp_[4]")
+                  "--setting", "AT_awp_[4]", "--setting", "RAT_LR")  # a table's name
     assert done.returncode == 0, done.stderr[-3000:]
     written = [Path(p).name for p in done.stdout.split()]
     assert any(n.startswith("fix_lr") and n.endswith(".png") for n in written)
@@ -88,7 +98,8 @@ def test_report_single_figure_and_table_and_bad_input(study_run, tmp_path):
                          ((study_run, "--figure", "bogus"), "bogus"),
                          ((study_run, "--metric", "colour"), "colour"),
                          ((study_run, "--metric", "dataset"), "dataset"),
-                         ((study_run, "--setting", "AT_awp_[5]"), "AT_awp_[5]")]:
+                         ((study_run, "--setting", "AT_awp_[5]"), "AT_awp_[5]"),
+                         ((study_run, "--setting", "RAT_XX"), "RAT_XX")]:
         bad = ablate("report", *args, "--out", tmp_path / "x")
         assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
@@ -100,3 +111,10 @@ def test_report_on_a_partial_run_says_so(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "partial run" in done.stderr
     assert "Partial run" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_index_provenance_fields_match_the_trainers():
+    from ablation.provenance import provenance
+    from ablation.report.index import PROVENANCE
+
+    assert set(PROVENANCE) == set(provenance("cpu")), "index.PROVENANCE and provenance() differ"

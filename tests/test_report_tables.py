@@ -15,10 +15,11 @@ import pytest
 from ablation.errors import AblateError
 from ablation.report import Run, load_run
 from ablation.layers import ALL_SUBSETS as SUBSETS
-from ablation.report.effects import effects_table as effects
+from ablation.report.effects import effects_table as effects, fit_effects, holm
 from ablation.report.tables import (TABLES, ablation_table as ablation,
                                     awp_compare_table as awp_compare,
-                                    best_last_table as best_last, write_tables)
+                                    best_last_table as best_last, setting_names,
+                                    write_tables)
 from ablation.report.numbers import Table
 from ablation.report.writers import write_table
 from conftest import run_sweep_in_process, tiny_trial
@@ -30,7 +31,7 @@ def _hand(curves: pd.DataFrame, intervention: str, layers: str) -> dict[str, flo
     one = one.sort_values("epoch")
     best = 100 * one.test_robust_acc.max()
     last = 100 * one.test_robust_acc.iloc[-1]
-    return {"PGD-20 Best": best, "PGD-20 Last": last, "PGD-20 Diff": best - last}
+    return {"PGD-2 Best": best, "PGD-2 Last": last, "PGD-2 Diff": best - last}  # test_steps 2
 
 
 def test_best_last_matches_hand_computation(study_run: Path) -> None:
@@ -62,7 +63,8 @@ def test_ablation_rows_in_documented_order(study_run: Path) -> None:
 def test_awp_compare_rows(study_run: Path) -> None:
     table = awp_compare(load_run(study_run)).display
     assert list(table.Method) == ["AT", "AWP", "RAT_WP"]
-    assert {"Natural Best", "PGD-20 Diff", "AA Last"} <= set(table.columns)
+    assert {"Natural Best", "PGD-2 Diff", "AA Last"} <= set(table.columns)
+    assert not any("PGD-20" in c for c in table.columns)  # the trials ran PGD-2
 
 
 def _check_latex(text: str) -> None:
@@ -77,14 +79,14 @@ def _check_latex(text: str) -> None:
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{"):
         assert rule in text
     for label in re.findall(r"\\label\{([^}]*)\}", text):  # a name pdflatex can write to .aux
-        assert re.fullmatch(r"tab:[A-Za-z0-9-]+", label), label
+        assert re.fullmatch(r"tab:[a-z0-9:-]+", label), label
     body = re.sub(r"\\(begin|end)\{[^}]*\}", "", text)
     assert not re.search(r"(?<!\\)_", body), "unescaped underscore"
     assert not re.search(r"(?<!\\)%", body), "unescaped percent"
 
 
 def test_write_tables_files_and_latex(study_run: Path, tmp_path: Path) -> None:
-    paths = write_tables(load_run(study_run), TABLES, tmp_path)
+    paths = [p for t in write_tables(load_run(study_run), TABLES, tmp_path) for p in t.paths]
     stems = {p.stem for p in paths}
     assert {"best-last", "awp-compare", "ablation-fix_param", "ablation-fix_lr", "ablation-awp",
             "effects-diff", "effects-best"} == stems
@@ -138,11 +140,31 @@ def test_seeds_mean_std(seeds_run: Path) -> None:
         one = curves[(curves.intervention == iv) & (curves.layers == layers)]
         per_seed = one.sort_values("epoch").groupby("seed").test_robust_acc
         best, last = 100 * per_seed.max(), 100 * per_seed.last()
-        for column, values in (("PGD-20 Best", best), ("PGD-20 Last", last),
-                               ("PGD-20 Diff", best - last)):
+        for column, values in (("PGD-2 Best", best), ("PGD-2 Last", last),
+                               ("PGD-2 Diff", best - last)):
             expected = f"{values.mean():.2f} ± {values.std():.2f}".replace("-0.00", "0.00")
             assert table.loc[name, column] == expected
     assert "pgd_best_std" in result.numbers.columns
+    assert any("mean ± sample std of each seed's own Best" in n for n in result.notes)
+
+
+def test_pgd_header_names_the_steps_the_trials_used(seeds_run: Path) -> None:
+    run = load_run(seeds_run)
+    assert "PGD-2 Best" in best_last(run).display  # test_steps: 2
+    # Trials that differ in test_steps: never averaged together, a column says which is which.
+    curves = run.curves.copy()
+    curves.loc[curves.seed == 0, "test_steps"] = 10
+    table = best_last(Run(run.root, run.name, "", curves, run.summary))
+    assert "PGD Best" in table.display and "PGD-2 Best" not in table.display
+    assert sorted(zip(table.display.Method, table.display["PGD steps"])) == [
+        ("AT", "10"), ("AT", "2"), ("RAT_LR", "10"), ("RAT_LR", "2")]
+    assert any("different numbers of steps (2, 10)" in n for n in table.notes)
+
+
+def test_setting_names_map_table_names_to_labels(study_run: Path) -> None:
+    names = setting_names(load_run(study_run))
+    assert names["RAT_LR"] == "AT_fix_lr_[3, 4]" and names["RAT_WP"] == "AT_awp_[3, 4]"
+    assert names["AWP"] == "AWP" and names["AT_awp_[4]"] == "AT_awp_[4]"
 
 
 def test_partial_run_marked(tmp_path: Path) -> None:
@@ -157,7 +179,8 @@ def test_partial_run_marked(tmp_path: Path) -> None:
     assert sum(m.endswith(" *") for m in table.display.Method) == 1
     assert any("still running" in n for n in table.notes)
     write_tables(run, ["best-last"], tmp_path / "out")
-    assert "still running" in (tmp_path / "out" / "best-last.md").read_text()
+    md = (tmp_path / "out" / "best-last.md").read_text()
+    assert "\n\n\\* still running" in md  # its own paragraph, not a list bullet
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +213,34 @@ def _synthetic_run(subsets: list[tuple[int, ...]], seeds: int = 3, sd: float = 0
                        zip(curves.method, curves.intervention, curves.layers)]
     return Run(root=Path("."), name="synthetic", description="", curves=curves,
                summary=pd.DataFrame())
+
+
+def test_holm_against_hand_computation() -> None:
+    # Sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; running max
+    # 0.02, 0.03, 0.06, 0.06; back in the given order:
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_effects_intervals_are_simultaneous_and_p_holm_adjusted() -> None:
+    """Each layer term's interval uses t at 1 - 0.05/20 (10 terms), wider than the plain 95%
+    one by that ratio; the mean keeps the plain interval; p (Holm) is holm() of the t-tests."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    subsets = [s for s in [(), *SUBSETS] for _ in range(2)]
+    fit = fit_effects(subsets, rng.normal(0, 1, len(subsets)))
+    df = 32 - 11
+    half = (fit.ci_high - fit.ci_low) / 2
+    assert half[0] == pytest.approx(stats.t.ppf(0.975, df) * fit.se[0])
+    assert half[1:].to_numpy() == pytest.approx(stats.t.ppf(1 - 0.05 / 20, df) * fit.se[1:])
+    assert (half[1:] > stats.t.ppf(0.975, df) * fit.se[1:]).all()
+    p = 2 * stats.t.sf(np.abs(fit.estimate[1:] / fit.se[1:]), df)
+    assert fit.p_holm[1:].to_numpy() == pytest.approx(holm(p))
+    assert np.isnan(fit.p_holm[0])
+    table = effects(_synthetic_run([(), *SUBSETS]))
+    assert any("Holm-adjusted over the 10 terms" in n for n in table.notes)
+    assert "p (Holm)" in table.display
 
 
 def test_effects_recover_planted_values() -> None:

@@ -96,15 +96,25 @@ def check_report_of_a_ray_run(run, curves):
     assert table.loc["RAT_LR", "pgd_last"] == pytest.approx(100 * mine.iloc[-1])
 
 
+def trained(folder):
+    """The stored epochs that a trial trained itself (not copied from its fork's parent)."""
+    if not list((folder / "curves").glob("*.parquet")):
+        return pd.DataFrame({"key": []})
+    curves = stored(folder)
+    return curves[curves.get("forked_from", pd.Series("", index=curves.index)) == ""]
+
+
 def kill_mid_sweep(sweep, folder, storage, env=None):
     """Start `ablate run` on the 3-trial x 6-epoch sweep and SIGKILL the driver once ``folder``
-    holds curves of two trials and 4 to 11 of the 18 epochs."""
+    holds epochs that two trials trained and 4 to 9 of the 14 epochs it trains (the two fix_lr
+    trials fork from AT after 2 epochs)."""
     cmd = [sys.executable, "-m", "ablation", "run", str(sweep), "--storage", storage, "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
     deadline = time.time() + 180
     while time.time() < deadline:
-        if len(list((folder / "curves").glob("*.parquet"))) >= 2 and 4 <= len(stored(folder)) < 12:
+        own = trained(folder)
+        if own.key.nunique() >= 2 and 4 <= len(own) < 10:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
@@ -125,12 +135,59 @@ def test_sigkill_of_the_driver_then_the_same_command_loses_and_repeats_nothing(t
         ref = reference_curves(config, tmp_path)
         pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
                                       ref.drop(columns=TIMING), check_exact=True)
-        starts = [int(m) for m in re.findall(r"starts at epoch (\d+)",
-                                             (run / "trials" / key / "attempts.log").read_text())]
-        assert starts[0] == 0 and all(s <= 6 for s in starts)
-    assert any(int(s) > 0 for key in load_sweep(sweep).by_key for s in re.findall(
-        r"starts at epoch (\d+)", (run / "trials" / key / "attempts.log").read_text())), \
-        "no trial resumed from a checkpoint"
+        first = 2 if config.intervention == "fix_lr" else 0  # forks from AT after 2 epochs
+        assert starts(run, key)[0] == (first, bool(first))
+        assert all(s <= 6 for s, _ in starts(run, key))
+    assert any(s > 0 and not forked for key in load_sweep(sweep).by_key
+               for s, forked in starts(run, key)), "no trial resumed from a checkpoint"
+
+
+def starts(run, key):
+    """(epoch, forked) of each start of a trial, from its attempts.log."""
+    return [(int(e), bool(f)) for e, f in re.findall(
+        r"starts at epoch (\d+)( from \S+'s checkpoint)?",
+        (run / "trials" / key / "attempts.log").read_text())]
+
+
+@pytest.mark.parametrize("where,parent_epochs", [
+    pytest.param("before", 1, marks=pytest.mark.slow), ("at", 2),
+    pytest.param("after", 4, marks=pytest.mark.slow)])
+def test_sigkill_of_the_driver_around_a_fork_point_loses_and_repeats_nothing(tmp_path, where,
+                                                                              parent_epochs):
+    """AT and fix_lr [3, 4] over 6 epochs share 2 (the LR drops at t = 3, in epoch 2). The
+    driver is killed once AT has stored 1 (before), 2 (at) or 4 (after) epochs; one trial at a
+    time, so the fork has not started. The same command then finishes both: every curve equals
+    its trial trained alone from scratch, and the fork trains only its own epochs."""
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4],))
+    run = tmp_path / "run"
+    spec = load_sweep(sweep)
+    (child,) = [k for k, c in spec.by_key.items() if c.intervention == "fix_lr"]
+    (parent,) = [k for k, c in spec.by_key.items() if c.intervention == "none"]
+    proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
+                             str(run), "--quiet", "--max-concurrent", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    curve = run / "curves" / f"{parent}.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            curve.exists() and len(pd.read_parquet(curve)) >= parent_epochs):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(pd.read_parquet(curve)) < 6, "the baseline finished before the kill"
+    assert not (run / "trials" / child).exists()
+    done = ablate("run", sweep, "--storage", run, "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves = stored(run)
+    assert len(curves) == 12 and not curves.duplicated(["key", "epoch"]).any()
+    for key, config in spec.by_key.items():
+        mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
+        ref = reference_curves(config, tmp_path)
+        pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
+                                      ref.drop(columns=TIMING), check_exact=True)
+    assert starts(run, child) == [(2, True)]  # its first 2 epochs were never trained again
+    forked = curves[curves.key == child].sort_values("epoch").forked_from.tolist()
+    assert forked == [parent] * 2 + [""] * 4
+    assert starts(run, parent)[0] == (0, False) and all(not f for _, f in starts(run, parent))
 
 
 def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path):
@@ -184,7 +241,15 @@ def test_dry_run_lists_keys_and_total_epochs(tmp_path):
     assert done.returncode == 0
     for key in load_sweep(sweep).by_key:
         assert key in done.stdout
-    assert "2 trials, 10 epochs in total" in done.stdout
+    # AT and fix_lr share epochs 0 and 1 (the LR drops at t = 2.5, in epoch 2)
+    assert "2 trials, 10 epochs in total; 8 to train with 1 trials forked" in done.stdout
+    assert "the first 2 from synthetic-linf-preact_small-at-none" in done.stdout
+    assert "GPU-hours on one NVIDIA H200" in done.stdout
+    plain = ablate("run", sweep, "--dry-run", "--no-fork")
+    assert "10 epochs in total; 10 to train (no trial forks)" in plain.stdout
+    bad = ablate("run", sweep, "--dry-run", "--bench", sweep)
+    assert bad.returncode == 2 and f"--bench {sweep}: not an `ablate bench --json` file" \
+        in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
 

@@ -13,7 +13,8 @@ from ablation.config import from_dict
 from ablation.errors import ConfigError, DataError, TrainingDiverged
 from ablation.models import group_names
 from ablation.curves import best_last
-from ablation.trainer import Reporter, Trainer, learning_rate, schedule_time
+from ablation.schedule import learning_rate, schedule_time
+from ablation.trainer import Reporter, Trainer
 
 TIMING = ("train_seconds", "eval_seconds")
 
@@ -83,7 +84,10 @@ def test_rows_hold_every_metric_and_best_weights_follow_the_best_epoch(tmp_path)
     assert history[-1]["test_acc"] > 0.2  # learns something: 10 classes, chance is 0.1
     best = best_last(history)["best_epoch"]
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    trainer.model.load_state_dict(saved["best_model"])
+    assert saved["best_epoch"] == best and "best_model" not in saved  # not rewritten each epoch
+    assert [p.name for p in tmp_path.glob("best-*.pt")] == [f"best-{best}.pt"]  # older ones go
+    trainer.model.load_state_dict(torch.load(tmp_path / f"best-{best}.pt",
+                                             weights_only=True)["model"])
     assert trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 0)["acc"] == \
         pytest.approx(history[best]["test_acc"])
 
@@ -116,6 +120,42 @@ def test_resume_reproduces_the_uninterrupted_curve_exactly(tmp_path, extra):
     final = lambda d: torch.load(d / "checkpoint.pt", weights_only=True)["model"]
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_between_the_best_weights_and_the_checkpoint_resumes_exactly(tmp_path):
+    """The best weights of a new best epoch are written before the checkpoint that names them:
+    a kill in between leaves the old checkpoint and its own best file, plus a newer best file,
+    which the resumed trial discards (it rewrites it when it gets there)."""
+    cfg = from_dict(tiny_trial())
+    straight = Trainer(cfg, tmp_path / "a")
+    history = straight.fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "b").fit(StopAfter(2))
+    best = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["best_epoch"]
+    torch.save({"model": {}}, tmp_path / "b" / "best-2.pt")  # as a kill would leave it
+    resumed = Trainer(cfg, tmp_path / "b")
+    assert [p.name for p in (tmp_path / "b").glob("best-*.pt")] == [f"best-{best}.pt"]
+    resumed.fit()
+    final = best_last(history)["best_epoch"]
+    assert [p.name for p in (tmp_path / "b").glob("best-*.pt")] == [f"best-{final}.pt"]
+    a, b = (torch.load(d / f"best-{final}.pt", weights_only=True)["model"]
+            for d in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_version_0_2_0_with_the_best_weights_inside_resumes(tmp_path):
+    cfg = from_dict(tiny_trial(epochs=3))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path).fit(StopAfter(2))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    best = tmp_path / f"best-{state.pop('best_epoch')}.pt"
+    state["best_model"] = torch.load(best, weights_only=True)["model"]
+    best.unlink()
+    torch.save(state, tmp_path / "checkpoint.pt")
+    resumed = Trainer(cfg, tmp_path)
+    assert resumed.epochs_done == 2 and resumed.best_state is not None
+    history = resumed.fit()
+    assert (tmp_path / f"best-{best_last(history)['best_epoch']}.pt").exists()
 
 
 def test_a_checkpoint_of_another_trial_is_refused(tmp_path):

@@ -21,11 +21,17 @@ from . import SETTING, Run, display_name, label as setting_label
 DASH = "–"  # en dash: a missing value (never 0)
 RUNNING = " *"
 RUNNING_NOTE = "* still running; Last is the latest epoch so far."
-# Metric prefixes in the numbers frames, their display group, and where they come from.
-METRICS = {"nat": "Natural", "pgd": "PGD-20", "aa": "AA"}
+SEEDS_NOTE = ("With several seeds, Best, Last and Diff are the mean ± sample std of each seed's "
+              "own Best, Last and Diff; a figure drawn from the seed-mean curve (the heatmap) "
+              "takes its Best and Last of that curve instead, so the two can differ.")
+AA_NOT_RUN = f"{DASH} AutoAttack was not run."
+# Metric prefixes in the numbers frames and their display group; "PGD" becomes "PGD-<steps>"
+# with the test_steps the trials used (pgd_title), never a fixed PGD-20.
+METRICS = {"nat": "Natural", "pgd": "PGD", "aa": "AA"}
 PARTS = ("best", "last", "diff")
 ID_COLUMNS = {"dataset": "Dataset", "model": "Network", "threat": "Threat"}
-
+STEPS = "test_steps"  # the trial field: PGD steps of the per-epoch test evaluation
+STEPS_TITLE = "PGD steps"  # its display column, shown only when rows differ in it
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def per_trial(run: Run) -> pd.DataFrame:
     curves = run.curves.sort_values(["key", "epoch"], kind="stable").reset_index(drop=True)
     if curves.empty:
         return pd.DataFrame()
-    ident = [c for c in (*SETTING, "intervention", "layers", "seed") if c in curves]
+    ident = [c for c in (*SETTING, "intervention", "layers", "seed", STEPS) if c in curves]
     rows = []
     for key, curve in curves.groupby("key", sort=False):
         last = curve.iloc[-1]
@@ -101,12 +107,22 @@ def cell(mean: float, std: float, n: int) -> str:
     return fmt(mean)
 
 
+def pgd_title(steps: Iterable[object]) -> str:
+    """"PGD-20" when every trial's ``test_steps`` is 20; "PGD" when they differ or are unknown
+    (a table then shows them in a "PGD steps" column)."""
+    values = {int(v) for v in steps if not pd.isna(v)}
+    return f"PGD-{values.pop()}" if len(values) == 1 else "PGD"
+
+
 def aggregate(trials: pd.DataFrame, by: list[str], metrics: Iterable[str]) -> pd.DataFrame:
     """Mean and sample std over seeds of each ``<metric>_<part>``; ``seeds`` counts the trials.
 
     A metric missing for some seeds (AutoAttack run for only some) averages the seeds that have
     it; missing for all gives NaN. ``complete`` is True only when every seed's trial finished.
+    Trials that differ in ``test_steps`` are never averaged together (it joins ``by``).
     """
+    if STEPS in trials and STEPS not in by:
+        by = [*by, STEPS]
     columns = [f"{m}_{p}" for m in metrics for p in PARTS]
     grouped = trials.groupby(by, sort=False, dropna=False)
     out = grouped[columns].mean()
@@ -127,17 +143,25 @@ def display_table(numbers: pd.DataFrame, ids: dict[str, str], metrics: Iterable[
     several = bool((numbers["seeds"] > 1).any()) if len(numbers) else False
     shown = pretty_setting(numbers) if len(numbers) else numbers
     display = pd.DataFrame({title: shown[col].astype(str) for col, title in ids.items()})
+    steps = numbers[STEPS] if STEPS in numbers else pd.Series(dtype=float)
+    pgd = pgd_title(steps)
+    if "pgd" in metrics and len(set(steps.dropna())) > 1:
+        display[STEPS_TITLE] = [DASH if pd.isna(v) else str(int(v)) for v in steps]
+        notes = [*notes, f"The rows' test PGD used different numbers of steps "
+                         f"({', '.join(map(str, sorted(set(steps.dropna().astype(int)))))}): "
+                         f"see the {STEPS_TITLE} column."]
     if several:
         display["Seeds"] = numbers["seeds"].astype(str)
+        notes = [*notes, SEEDS_NOTE]
     for m in metrics:
         for p in PARTS:
             c = f"{m}_{p}"
-            display[f"{METRICS[m]} {p.title()}"] = [
+            display[f"{pgd if m == 'pgd' else METRICS[m]} {p.title()}"] = [
                 cell(mean, std, n) for mean, std, n in
                 zip(numbers[c], numbers[f"{c}_std"], numbers[f"{c}_n"])]
     if len(numbers) and not numbers["complete"].all():
         notes = [*notes, RUNNING_NOTE]
-    keep = [*ids, "seeds", "complete"]
+    keep = [*ids, *([STEPS] if STEPS in numbers else []), "seeds", "complete"]
     for m in metrics:
         for p in PARTS:
             keep.append(f"{m}_{p}")
@@ -171,7 +195,7 @@ def pretty_setting(numbers: pd.DataFrame) -> pd.DataFrame:
 
 def aa_note(trials: pd.DataFrame) -> list[str]:
     if trials["aa_best"].isna().all():
-        return [f"{DASH} AutoAttack was not run."]
+        return [AA_NOT_RUN]
     if trials["aa_best"].isna().any():
         return [f"{DASH} AutoAttack was not run for this setting."]
     return []

@@ -4,7 +4,8 @@ RAT_WP), Table 5 (the ablation over layer subsets), and the factorial layer effe
 
 Definitions (method A.9): Best = the highest test PGD-20 robust accuracy over epochs (the first
 such epoch on ties); Last = the final (here: latest) epoch; Diff = Best - Last. Clean ("Natural")
-accuracy is taken at the Best epoch of robust accuracy, not at its own maximum.
+accuracy is taken at the Best epoch of robust accuracy, not at its own maximum. Headers and
+captions name the PGD steps the trials' test evaluation used (``test_steps``; 20 in the paper).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .. import layers
 from ..layers import LAYER_WISE
 from . import METHOD_NAMES, SETTING, Run, label as setting_label
 from .effects import effects_table
-from .numbers import (ID_COLUMNS, Table, aa_note, aggregate, display_table, empty_table,
-                      mark_running, per_trial)
+from .numbers import (ID_COLUMNS, STEPS, Table, aa_note, aggregate, display_table,
+                      empty_table, mark_running, per_trial, pgd_title)
 from .writers import write_table
 
 RAT_LAYERS = layers.to_column((3, 4))  # RAT_LR and RAT_WP act on layers 3 and 4 (method A.4, A.5)
@@ -33,6 +34,23 @@ def _rat_names(method: str) -> dict[str, str]:
     prefix = "" if method == "at" else f"{base}-"
     return {setting_label(method, "fix_lr", RAT_LAYERS): f"{prefix}RAT_LR",
             setting_label(method, "awp", RAT_LAYERS): f"{prefix}RAT_WP"}
+
+
+def setting_names(run: Run) -> dict[str, str]:
+    """Every name ``ablate report --setting`` accepts -> the trial label the figures use: the
+    labels themselves (``AT_fix_lr_[3, 4]``, ``AWP``) and the names the tables print for them
+    (``RAT_LR``, ``TRADES-RAT_WP``)."""
+    names = {lab: lab for lab in dict.fromkeys(run.curves.label)}
+    for method in dict.fromkeys(run.curves.method):
+        for lab, name in _rat_names(method).items():
+            if lab in names:
+                names.setdefault(name, lab)
+    return names
+
+
+def _pgd(run: Run) -> str:
+    """"PGD-<test_steps>" of the run's trials (plain "PGD" when they differ)."""
+    return pgd_title(run.curves[STEPS] if STEPS in run.curves else ())
 
 
 def _setting_rows(trials: pd.DataFrame, wanted: list[str], extra: Iterable[str] = ()
@@ -139,25 +157,28 @@ class TableKind:
 
 def _effects_jobs(run: Run, settings: list[str]) -> list[tuple[str, Table, str]]:
     return [(f"effects-{response}", effects_table(run, response),
-             f"Factorial layer effects on {what}, percentage points, 95% CI")
-            for response, what in (("diff", "robust overfitting (PGD-20 Diff)"),
-                                   ("best", "best robustness (PGD-20 Best)"))]
+             f"Factorial layer effects on {what} ({_pgd(run)} {part}), percentage points, "
+             f"simultaneous 95% intervals and Holm-adjusted p-values")
+            for response, part, what in (("diff", "Diff", "robust overfitting"),
+                                         ("best", "Best", "best robustness"))]
 
 
 TABLES: dict[str, TableKind] = {
     "best-last": TableKind(
         lambda run, settings: [("best-last", best_last_table(run, settings),
-                                "Test robustness (%): PGD-20 and AutoAttack Best / Last / Diff")],
-        "Tables 1-3: PGD-20 and AutoAttack Best / Last / Diff for AT, RAT_LR and RAT_WP"),
+                                f"Test robustness (%): {_pgd(run)} and AutoAttack Best / Last / "
+                                f"Diff")],
+        "Tables 1-3: PGD and AutoAttack Best / Last / Diff for AT, RAT_LR and RAT_WP"),
     "awp-compare": TableKind(
         lambda run, settings: [("awp-compare", awp_compare_table(run),
-                                "RAT_WP compared with AWP: natural, PGD-20 and AutoAttack "
-                                "accuracy (%)")],
-        "Table 4: natural, PGD-20 and AutoAttack Best / Last / Diff for AT, AWP and RAT_WP"),
+                                f"RAT_WP compared with AWP: natural, {_pgd(run)} and AutoAttack "
+                                f"accuracy (%)")],
+        "Table 4: natural, PGD and AutoAttack Best / Last / Diff for AT, AWP and RAT_WP"),
     "ablation": TableKind(
         lambda run, settings: [
             (f"ablation-{iv}", ablation_table(run, iv),
-             f"Ablation over the layers given {iv}: natural, PGD-20 and AutoAttack accuracy (%)")
+             f"Ablation over the layers given {iv}: natural, {_pgd(run)} and AutoAttack "
+             f"accuracy (%)")
             for iv in LAYER_WISE if iv in set(run.curves.intervention)],
         "Table 5: one row per layer subset, one table per intervention"),
     "effects": TableKind(_effects_jobs, "the main effect of each layer on Diff and Best, with "
@@ -165,17 +186,31 @@ TABLES: dict[str, TableKind] = {
 }
 
 
+@dataclass(frozen=True)
+class WrittenTable:
+    """One table as written: its file stem, caption, the Table itself (which index.html shows)
+    and its files (.md, .csv, .tex)."""
+
+    stem: str
+    caption: str
+    table: Table
+    paths: list[Path]
+
+
 def write_tables(run: Run, names: Iterable[str], out: Path, settings: Iterable[str] = (),
-                 warn: Callable[[str], None] = lambda message: None) -> list[Path]:
+                 warn: Callable[[str], None] = lambda message: None) -> list[WrittenTable]:
     """Write each named table (names of ``TABLES``, checked by the caller) under ``out``; a table
     with no data is skipped and ``warn`` is told why in one line. ``settings`` are extra rows
-    for ``best-last`` by label (``AT_awp_[4]``, ``AWP``, ...)."""
-    paths: list[Path] = []
+    for ``best-last`` by label (``AT_awp_[4]``, ``AWP``, ...). LaTeX labels are
+    ``tab:<run name>:<stem>``, so tables of two runs can share a paper."""
+    written: list[WrittenTable] = []
     for name in dict.fromkeys(names):
         for stem, table, caption in TABLES[name].build(run, list(settings)):
             if table.empty:
                 why = " ".join(table.notes) or "no trials for it"
                 warn(f"no {stem} table: {why}")
                 continue
-            paths += write_table(table, out, stem, f"{caption} (run {run.name}).")
-    return paths
+            caption = f"{caption} (run {run.name})."
+            paths = write_table(table, out, stem, caption, label=f"{run.name}:{stem}")
+            written.append(WrittenTable(stem, caption, table, paths))
+    return written

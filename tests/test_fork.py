@@ -1,0 +1,187 @@
+"""Shared-prefix forking: where a trial's prefix ends (hand-derived cases), that the trainer's
+learning rates are the planner's, and that a forked trial equals the same trial trained from its
+first epoch, bit for bit."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_trial
+
+from ablation import files
+from ablation.config import from_dict
+from ablation.errors import ConfigError
+from ablation.fork import Fork, epochs_to_train, plan_forks, shared_epochs
+from ablation.grid import load_sweep
+from ablation.schedule import epoch_lrs
+from ablation.trainer import Reporter, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ["train_seconds", "eval_seconds"]
+
+
+def cfg(**fields):
+    return from_dict({"dataset": "synthetic", "model": "preact_small", **fields})
+
+
+# Each case by hand: the first milestone of 0.5 at E epochs drops the LR at schedule time E/2;
+# batch i of epoch e trains at e + (i+1)/N (per iteration) or e + 1 (per epoch), so the first
+# epoch whose last batch reaches E/2 is ceil(E/2) - 1 for every N.
+@pytest.mark.parametrize("child,epochs,lr_update,expected", [
+    ({"intervention": "fix_lr", "layers": [3, 4]}, 200, "iteration", 99),
+    ({"intervention": "fix_lr", "layers": [3, 4]}, 200, "epoch", 99),
+    ({"intervention": "fix_lr", "layers": [1]}, 15, "iteration", 7),  # drop at t = 7.5
+    ({"intervention": "fix_lr", "layers": [1]}, 15, "epoch", 7),  # epoch 6 ends at t = 7 < 7.5
+    ({"intervention": "awp", "layers": [2], "awp_warmup": 5}, 200, "iteration", 5),
+    ({"intervention": "awp_full", "awp_warmup": 0}, 200, "iteration", 0),
+    ({"intervention": "awp", "layers": [2], "awp_gamma": 0.0}, 20, "iteration", 19),  # never on
+    ({"intervention": "fix_param", "layers": [4]}, 200, "iteration", 0),
+])
+def test_shared_epochs_by_hand(child, epochs, lr_update, expected):
+    parent = cfg(epochs=epochs, lr_update=lr_update)
+    for batches in (1, 7, 391):
+        assert shared_epochs(parent, cfg(epochs=epochs, lr_update=lr_update, **child),
+                             batches) == expected
+
+
+def test_trades_awp_warmup_counts_from_its_authors_epoch_one():
+    parent = cfg(method="trades", epochs=100)
+    child = cfg(method="trades", epochs=100, intervention="awp", layers=[3], awp_warmup=10)
+    assert shared_epochs(parent, child, 10) == 9  # warm-up 10 = 0-based epoch 9 is perturbed
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"lr_max": 0.05}, {"milestones": [0.6]},
+                                    {"epochs": 201}, {"precision": "bf16"}])
+def test_trials_that_differ_in_more_than_the_intervention_share_nothing(change):
+    parent = cfg(epochs=200)
+    child = cfg(**{"epochs": 200, "intervention": "fix_lr", "layers": [3, 4], **change})
+    assert shared_epochs(parent, child, 391) == 0
+    assert shared_epochs(cfg(epochs=200, intervention="fix_lr", layers=[1]), child, 391) == 0
+
+
+def test_the_papers_cifar10_sweep_trains_7915_of_its_9400_epochs():
+    spec = load_sweep(ROOT / "sweeps" / "cifar10_linf.yaml")
+    forks = plan_forks(spec.trials)
+    assert spec.total_epochs == 9400 and epochs_to_train(spec.trials, forks) == 7915
+    by_key = spec.by_key
+    assert {by_key[k].intervention for k in forks} == {"fix_lr"} and len(forks) == 15
+    assert all(by_key[f.parent].intervention == "none" and f.epochs == 99
+               for f in forks.values())
+
+
+class LRs(Reporter):
+    """Records each optimizer group's learning rate at every training batch."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def progress(self, epoch, batch, batches):
+        self.seen.append((epoch, batch, batches,
+                          [g["lr"] for g in self.trainer.optimizer.param_groups]))
+
+
+def test_the_planner_reads_the_learning_rates_the_trainer_trains_with(tmp_path):
+    config = from_dict(tiny_trial(epochs=4, milestones=[0.3, 0.6], intervention="fix_lr",
+                                  layers=[3]))
+    trainer = Trainer(config, tmp_path)
+    recorder = LRs(trainer)
+    trainer.fit(recorder)
+    assert len(recorder.seen) == 4 * 8  # 512 images in batches of 64
+    for epoch, batch, batches, (scheduled, fixed) in recorder.seen:
+        rest, g1, g2, g3, g4 = (lrs[batch] for lrs in epoch_lrs(config, epoch, batches))
+        assert (rest, g1, g2, g4) == (scheduled,) * 4 and g3 == fixed == config.lr_max
+
+
+def train(config, folder, **kwargs):
+    trainer = Trainer(config, folder, **kwargs)
+    history = trainer.fit()
+    return trainer, pd.DataFrame(history).drop(columns=TIMING)
+
+
+@pytest.mark.parametrize("child", [{"intervention": "fix_lr", "layers": [3, 4]},
+                                   {"intervention": "awp", "layers": [2, 3], "awp_warmup": 2}])
+def test_a_forked_trial_is_bit_identical_to_the_same_trial_from_scratch(tmp_path, child):
+    torch.set_num_threads(1)
+    base = tiny_trial(epochs=4, train_eval_size=32)
+    parent, config = from_dict(base), from_dict({**base, **child})
+    fork = Fork(parent.key, shared_epochs(parent, config, 8))
+    assert fork.epochs == (1 if child["intervention"] == "fix_lr" else 2)
+    run = tmp_path / "run" / "trials"
+    train(parent, run / parent.key, fork_points=[fork.epochs])
+    assert (run / parent.key / files.fork_checkpoint(fork.epochs)).exists()
+    forked, curve = train(config, run / config.key, fork=fork)
+    scratch, reference = train(config, tmp_path / "scratch")
+    assert (curve.forked_from[:fork.epochs] == parent.key).all()
+    assert curve.forked_from[fork.epochs:].isna().all()
+    if child["intervention"] == "fix_lr":
+        assert (curve.lr_fixed == config.lr_max).all()  # its own value, not the parent's NaN
+    pd.testing.assert_frame_equal(curve.drop(columns="forked_from"), reference, check_exact=True)
+    for name, tensor in scratch.model.state_dict().items():
+        assert torch.equal(forked.model.state_dict()[name], tensor), name
+    saved = torch.load(run / config.key / files.CHECKPOINT, weights_only=True)
+    assert saved["history"][0]["forked_from"] == parent.key
+
+
+def test_a_fork_file_of_another_trial_or_point_is_refused_in_one_line(tmp_path):
+    base = tiny_trial(epochs=4, train_eval_size=32)
+    parent = from_dict(base)
+    config = from_dict({**base, "intervention": "fix_lr", "layers": [4]})
+    run = tmp_path / "trials"
+    train(parent, run / parent.key, fork_points=[2])  # the fix_lr trial shares only 1 epoch
+    (run / parent.key / files.fork_checkpoint(2)).rename(
+        run / parent.key / files.fork_checkpoint(1))
+    with pytest.raises(ConfigError, match="not trial .* state after 1 epochs shared with"):
+        Trainer(config, run / config.key, fork=Fork(parent.key, 1))
+
+
+def test_without_its_parents_file_a_fork_trains_from_scratch(tmp_path):
+    config = from_dict(tiny_trial(epochs=2, intervention="fix_lr", layers=[4]))
+    trainer = Trainer(config, tmp_path / "trials" / config.key, fork=Fork("nobody", 1))
+    assert trainer.epochs_done == 0 and trainer.forked_from is None
+    assert "forked_from" not in trainer.fit()[0]
+
+
+def test_gpu_hours_count_forward_passes_and_skip_forked_epochs(tmp_path):
+    import json
+
+    from ablation.config import TrialConfig
+    from ablation.cost import default_rate, gpu_hours, passes_per_epoch, rate_from_bench
+
+    reference = TrialConfig()  # PreAct-18, CIFAR-10, PGD-10 AT, train-mode attack, 10k+10k eval
+    # by hand: 50,000 x (10 steps x 2F + restart forward 1F + step 3F + logging 1F)
+    #          + 10,000 x (10 x 2F + 2F) + 10,000 x (20 x 2F + 2F)
+    assert passes_per_epoch(reference) == 50_000 * 25 + 10_000 * 22 + 10_000 * 42
+    rate = default_rate()
+    assert gpu_hours([reference], {}, rate) == pytest.approx(200 * 36 / 3600)  # the measurement
+    fix_lr = reference.replace(intervention="fix_lr", layers=[3, 4])
+    both = gpu_hours([reference, fix_lr], {fix_lr.key: Fork(reference.key, 99)}, rate)
+    assert both == pytest.approx((200 + 101) * 36 / 3600)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({
+        "environment": {"device_name": "NVIDIA H100"}, "options": {"precision": "bf16"},
+        "interventions": [{"intervention": "none", "flops_per_step": 4e12,
+                           "project": {"median_s": 0.1}}]}))
+    measured = rate_from_bench(bench)
+    assert measured.flops_per_s == pytest.approx(4e13) and "NVIDIA H100 bf16" in measured.source
+
+
+@pytest.mark.slow
+def test_the_demo_sweep_forked_and_not_gives_the_same_curves(tmp_path):
+    """sweeps/demo_digits.yaml through Ray twice: with forking (its fix_lr and AWP trials start
+    from AT's checkpoint) and with --no-fork; every stored number is the same."""
+    from test_sweep import ablate
+
+    curves = {}
+    for name, extra in (("forked", ()), ("plain", ("--no-fork",))):
+        done = ablate("run", ROOT / "sweeps" / "demo_digits.yaml", "--storage", tmp_path / name,
+                      "--quiet", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        frame = pd.read_parquet(tmp_path / name / "curves").sort_values(["key", "epoch"])
+        curves[name] = frame.reset_index(drop=True)
+    forked, plain = curves["forked"], curves["plain"]
+    assert (forked.forked_from != "").sum() == sum(f.epochs for f in plan_forks(
+        load_sweep(ROOT / "sweeps" / "demo_digits.yaml").trials).values())
+    assert (plain.forked_from == "").all()
+    pd.testing.assert_frame_equal(forked.drop(columns=[*TIMING, "forked_from"]),
+                                  plain.drop(columns=[*TIMING, "forked_from"]), check_exact=True)
