@@ -402,3 +402,16 @@ def test_a_local_ray_listens_on_the_loopback_interface_only_and_its_token_is_pri
         assert address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), \
             listening
     assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+
+
+def test_status_line_names_trials_waiting_for_a_fork_checkpoint():
+    """Forks waiting for their baseline are no Tune trials yet; the waiting line counts them."""
+    from types import SimpleNamespace
+
+    from ablation.tune import WaitWatch
+
+    watch = WaitWatch({"CPU": 1.0}, None)
+    assert not watch.update([], force=True) and watch.line is None
+    watch.searcher = SimpleNamespace(waiting={"a": None, "b": None})
+    assert watch.update([], force=True)
+    assert watch.line == "2 trial(s) wait for their baseline's fork checkpoint"

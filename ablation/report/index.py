@@ -71,11 +71,7 @@ def write_index(out: Path, run: Run, figures: list[Path], tables: list[WrittenTa
         f"<tr><td class='id'>{esc(k)}</td><td class='id'>{esc(v)}</td></tr>"
         for k, v in _provenance(run)) + "</table>")
     pngs = [p for p in figures if p.suffix == ".png"]
-    if pngs:
-        toc.append("<li><a href='#figures'>Figures</a><ul>" + "".join(
-            f"<li><a href='#fig-{esc(p.stem)}'>{esc(p.stem)}</a></li>" for p in pngs)
-            + "</ul></li>")
-        body.append("<h2 id='figures'>Figures</h2>")
+    _section(toc, body, "figures", "Figures", [(f"fig-{p.stem}", p.stem) for p in pngs])
     for png in pngs:
         rel = png.relative_to(out).as_posix()
         pdf = png.with_suffix(".pdf")
@@ -83,11 +79,7 @@ def write_index(out: Path, run: Run, figures: list[Path], tables: list[WrittenTa
                 if pdf in figures else "")
         body.append(f"<h3 id='fig-{esc(png.stem)}'>{esc(png.stem)}{link}</h3>"
                     f"<img src='{esc(rel)}' alt='{esc(png.stem)}'>")
-    if tables:
-        toc.append("<li><a href='#tables'>Tables</a><ul>" + "".join(
-            f"<li><a href='#tab-{esc(t.stem)}'>{esc(t.stem)}</a></li>" for t in tables)
-            + "</ul></li>")
-        body.append("<h2 id='tables'>Tables</h2>")
+    _section(toc, body, "tables", "Tables", [(f"tab-{t.stem}", t.stem) for t in tables])
     for written in tables:
         links = " · ".join(f"<a href='{esc(p.relative_to(out).as_posix())}'>{p.suffix[1:]}</a>"
                            for p in written.paths)
@@ -102,3 +94,13 @@ def write_index(out: Path, run: Run, figures: list[Path], tables: list[WrittenTa
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join([*head, *body, "</body></html>"]), encoding="utf-8")
     return path
+
+
+def _section(toc: list[str], body: list[str], anchor: str, title: str,
+             entries: list[tuple[str, str]]) -> None:
+    """A heading and its entry in the table of contents, with one sub-entry per (id, name)."""
+    if entries:
+        toc.append(f"<li><a href='#{anchor}'>{title}</a><ul>" + "".join(
+            f"<li><a href='#{html.escape(i)}'>{html.escape(name)}</a></li>"
+            for i, name in entries) + "</ul></li>")
+        body.append(f"<h2 id='{anchor}'>{title}</h2>")

@@ -39,11 +39,12 @@ _ROW_NAMES = (*ID_COLUMNS.values(), "Method", "Layer", STEPS_TITLE, "Seeds", "Ce
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
                   "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "∞": r"$\infty$"}
+                  "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "∞": r"$_\infty$"}
 
 
 def latex_escape(text: str) -> str:
-    """Escape LaTeX specials (``_ % & #`` and the rest); ± and ∞ become math, – becomes --."""
+    """Escape LaTeX specials (``_ % & #`` and the rest); ± becomes math, – becomes --, and ∞ a
+    subscript (it only follows L, the threat model: L∞ is typeset ``L$_\\infty$``)."""
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
