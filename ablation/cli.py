@@ -112,7 +112,12 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
 
     spec = load_sweep(sweep)
     forks = {} if no_fork else plan_forks(spec.trials)
+    if bench_json and not dry_run:
+        raise ConfigError("--bench estimates the cost of a sweep; use it with --dry-run")
     if dry_run:
+        from .cost import default_rate, gpu_hours, rate_from_bench
+
+        rate = rate_from_bench(bench_json) if bench_json else None  # a bad file: said first
         for i, config in enumerate(spec.trials):
             fork = forks.get(config.key)
             starts = f", the first {fork.epochs} from {fork.parent}" if fork else ""
@@ -121,9 +126,7 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
                    f"{epochs_to_train(spec.trials, forks):,} to train "
                    + (f"with {len(forks)} trials forked from their baselines (--no-fork: "
                       f"{spec.total_epochs:,})" if forks else "(no trial forks)"))
-        from .cost import default_rate, gpu_hours, rate_from_bench  # torch loads here
-
-        rate = rate_from_bench(bench_json) if bench_json else default_rate()
+        rate = rate or default_rate()  # torch loads here
         hours = gpu_hours(spec.trials, forks, rate)
         amount = f"about {hours:,.0f}" if hours >= 10 else f"about {hours:.1f}" \
             if hours >= 0.1 else "under 0.1"

@@ -97,12 +97,16 @@ def rate_from_bench(path: Path) -> Rate:
     """The rate of the project's training step (intervention "none") in an ``ablate bench
     --json`` file: its counted FLOPs per step over its median seconds per step."""
     try:
-        report = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"--bench {path}: cannot read it ({err.strerror})") from None
+    try:
+        report = json.loads(text)
         (entry,) = [e for e in report["interventions"] if e["intervention"] == "none"]
         flops, seconds = entry["flops_per_step"], entry["project"]["median_s"]
         device = report["environment"]["device_name"]
         precision = report["options"]["precision"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"--bench {path}: not an `ablate bench --json` file with the "
                           f"intervention 'none' ({type(err).__name__}: {err})") from None
     if not flops or not seconds:

@@ -249,7 +249,9 @@ def test_dry_run_lists_keys_and_total_epochs(tmp_path):
     assert "10 epochs in total; 10 to train (no trial forks)" in plain.stdout
     bad = ablate("run", sweep, "--dry-run", "--bench", sweep)
     assert bad.returncode == 2 and f"--bench {sweep}: not an `ablate bench --json` file" \
-        in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        in bad.stderr and len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout
+    alone = ablate("run", sweep, "--bench", sweep)
+    assert alone.returncode == 2 and "use it with --dry-run" in alone.stderr
     assert not (tmp_path / "runs").exists()
 
 
