@@ -133,12 +133,13 @@ def test_gpus_per_trial_on_a_cluster_without_any_is_one_line_within_a_minute(tmp
 @pytest.mark.slow
 def test_busy_resources_wait_and_status_says_for_what(tmp_path):
     """A trial that takes the whole machine: the others wait, `ablate status` says so while they
-    do, and nothing waits once the sweep is done."""
+    do, and nothing waits once the sweep is done. (--no-fork: the fix_lr trial would otherwise
+    wait for its AT baseline's fork checkpoint first, test_status_line_names_trials_waiting...)"""
     cpus = os.cpu_count()
     sweep = write_sweep(tmp_path / "s.yaml", epochs=10)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
-                             str(run), "--quiet", "--cpus-per-trial", str(cpus)],
+                             str(run), "--quiet", "--cpus-per-trial", str(cpus), "--no-fork"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen, deadline = None, time.time() + 240
     while proc.poll() is None and time.time() < deadline and not seen:
