@@ -283,8 +283,6 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
             raise ConfigError(f"--ylim {quote(ylim)}: expected LOW,HIGH with LOW < HIGH, e.g. "
                               "35,57.5 (percent for accuracies)")
     run = load_run(run_dir)  # a path or a URI
-    if run.description:
-        click.echo(" ".join(run.description.split()), err=True)
     if metric not in metric_columns(run.curves):
         raise ConfigError(f"--metric {metric!r} is not a curve column; choose from "
                           f"{', '.join(metric_columns(run.curves))}")
@@ -294,6 +292,8 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
             raise ConfigError(f"--setting {given!r} is not in this run; choose from "
                               f"{', '.join(names)}")
     settings = tuple(names[given] for given in settings)
+    if run.description:  # after the checks: a bad option is one line
+        click.echo(" ".join(run.description.split()), err=True)
     out = (out or Path("reports") / run.name).resolve()
     everything = not figures and not tables
     fig_names = FIGURES if everything or "all" in figures else figures

@@ -57,6 +57,7 @@ def best_checkpoint(epoch: int | str) -> str:
     return f"best-{epoch}.pt"
 
 
-def fork_checkpoint(epochs: int) -> str:
-    """The file a baseline writes after ``epochs`` epochs for the trials that fork from it."""
+def fork_checkpoint(epochs: int | str) -> str:
+    """The file a baseline writes after ``epochs`` epochs for the trials that fork from it
+    ("*" for a glob)."""
     return f"fork-{epochs}.pt"

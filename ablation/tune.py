@@ -27,6 +27,7 @@ from .datafiles import check_data
 from .errors import AblateError, ConfigError, DataError
 from .evaluate import write_summary
 from .fork import Fork
+from .io import load_torch
 from .store import RunDir, trial_params
 from .trainer import Reporter, Trainer
 
@@ -50,7 +51,8 @@ class TuneReporter(Reporter):
     def _report(self, row) -> None:
         from ray import tune
 
-        forks = sorted(int(p.stem.split("-")[1]) for p in self.workdir.glob(files.fork_checkpoint("*")))
+        forks = sorted(int(p.stem.split("-")[1])  # fork-<epochs>.pt files
+                       for p in self.workdir.glob(files.fork_checkpoint("*")))
         tune.report({"row": row, "pid": os.getpid(), "forks": forks})
 
     def start(self, config, history):
@@ -75,9 +77,6 @@ def ablate_trial(params: dict[str, Any]) -> None:
     """The Tune trainable (its name must stay stable): train or resume one trial in its folder."""
     import torch
     from ray import tune
-
-    from .fork import Fork
-    from .io import load_torch
 
     spec = params["trial"]
     key, config = spec["key"], from_dict(spec["config"], source=spec["key"])

@@ -245,7 +245,8 @@ def test_ylim_fixes_the_grids_y_range(run):
 
 
 def all_figures(run, size):
-    return [fig for kind in FIGURES.values() for _, fig in kind.build(run, FigureOptions(size=size))]
+    options = FigureOptions(size=size)
+    return [fig for kind in FIGURES.values() for _, fig in kind.build(run, options)]
 
 
 @pytest.mark.parametrize("size", ["column", "full"])

@@ -14,7 +14,7 @@ from ablation.errors import ConfigError, DataError, TrainingDiverged
 from ablation.models import group_names
 from ablation.curves import best_last
 from ablation.schedule import learning_rate, schedule_time
-from ablation.trainer import Reporter, Trainer
+from ablation.trainer import Reporter, Trainer, load_best
 
 TIMING = ("train_seconds", "eval_seconds")
 
@@ -86,8 +86,7 @@ def test_rows_hold_every_metric_and_best_weights_follow_the_best_epoch(tmp_path)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["best_epoch"] == best and "best_model" not in saved  # not rewritten each epoch
     assert [p.name for p in tmp_path.glob("best-*.pt")] == [f"best-{best}.pt"]  # older ones go
-    trainer.model.load_state_dict(torch.load(tmp_path / f"best-{best}.pt",
-                                             weights_only=True)["model"])
+    trainer.model.load_state_dict(load_best(tmp_path, saved))  # the file the checkpoint names
     assert trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 0)["acc"] == \
         pytest.approx(history[best]["test_acc"])
 

@@ -134,7 +134,7 @@ def test_gpus_per_trial_on_a_cluster_without_any_is_one_line_within_a_minute(tmp
 def test_busy_resources_wait_and_status_says_for_what(tmp_path):
     """A trial that takes the whole machine: the others wait, `ablate status` says so while they
     do, and nothing waits once the sweep is done. (--no-fork: the fix_lr trial would otherwise
-    wait for its AT baseline's fork checkpoint first, test_status_line_names_trials_waiting...)"""
+    wait for its AT baseline's fork checkpoint first)"""
     cpus = os.cpu_count()
     sweep = write_sweep(tmp_path / "s.yaml", epochs=10)
     run = tmp_path / "run"
@@ -405,14 +405,40 @@ def test_a_local_ray_listens_on_the_loopback_interface_only_and_its_token_is_pri
     assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
 
 
-def test_status_line_names_trials_waiting_for_a_fork_checkpoint():
-    """Forks waiting for their baseline are no Tune trials yet; the waiting line counts them."""
-    from types import SimpleNamespace
-
-    from ablation.tune import WaitWatch
+def test_forks_wait_for_their_baselines_file_and_the_status_line_counts_them():
+    """Forks waiting for their baseline are no Tune trials yet: the searcher holds them until the
+    baseline reports its fork file, and the waiting line counts them meanwhile."""
+    from ablation.fork import Fork
+    from ablation.tune import WaitWatch, make_searcher
 
     watch = WaitWatch({"CPU": 1.0}, None)
     assert not watch.update([], force=True) and watch.line is None
-    watch.searcher = SimpleNamespace(waiting={"a": None, "b": None})
+    params = [{"key": k, "fork": None} for k in ("at", "f1", "f2")]
+    forks = {"f1": Fork("at", 2), "f2": Fork("at", 2)}
+    watch.searcher = make_searcher(params, forks, ready=set())
     assert watch.update([], force=True)
     assert watch.line == "2 trial(s) wait for their baseline's fork checkpoint"
+    assert watch.searcher.suggest("t1") == {"trial": params[0]}  # the baseline first
+    assert watch.searcher.suggest("t2") is None  # the forks wait for its file
+    watch.searcher.on_trial_result("t1", {"row/epoch": 1, "forks": [2]})  # epoch 1 done: file
+    assert [watch.searcher.suggest(t)["trial"]["key"] for t in ("t3", "t4")] == ["f1", "f2"]
+    assert watch.searcher.suggest("t5") == "FINISHED"
+    assert watch.update([], force=True) and watch.line is None
+
+
+def test_a_fork_whose_file_cannot_come_is_handed_out_to_train_from_scratch():
+    """The baseline went past the fork point without writing the file (it ran under --no-fork
+    before), or it ended: its fork trains from its first epoch instead of waiting forever."""
+    from ablation.fork import Fork
+    from ablation.tune import make_searcher
+
+    params = [{"key": k, "fork": {"parent": "at", "epochs": 2} if k == "f" else None}
+              for k in ("at", "f")]
+    searcher = make_searcher(params, {"f": Fork("at", 2)}, ready=set())
+    assert searcher.suggest("t1")["trial"]["key"] == "at" and searcher.suggest("t2") is None
+    searcher.on_trial_result("t1", {"row/epoch": 2, "forks": []})  # past epoch 2, no file
+    assert searcher.suggest("t3") == {"trial": {"key": "f", "fork": None}}
+    searcher = make_searcher(params, {"f": Fork("at", 2)}, ready=set())
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t1", error=True)
+    assert searcher.suggest("t2")["trial"]["fork"] is None
