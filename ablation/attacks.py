@@ -49,12 +49,21 @@ def project(delta: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     return torch.max(torch.min(delta, 1 - x), -x)
 
 
+def drawn_like(x: Tensor, fill) -> Tensor:
+    """A tensor of ``x``'s shape and memory layout whose values ``fill`` (an in-place sampler such
+    as ``Tensor.uniform_``) draws in the standard NCHW order: samplers fill memory in order, so
+    drawing into a channels-last tensor would put other numbers at each (image, channel, pixel).
+    The memory layout is a runtime field; it must not change the random draws."""
+    drawn = fill(torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return drawn if x.is_contiguous() else torch.empty_like(x).copy_(drawn)
+
+
 def random_start(x: Tensor, threat: ThreatModel) -> Tensor:
     """Rice's start: Linf uniform in the cube; L2 a random direction at radius r*eps, r ~ U(0,1)."""
     if threat.norm == "linf":
-        delta = torch.empty_like(x).uniform_(-threat.eps, threat.eps)
+        delta = drawn_like(x, lambda t: t.uniform_(-threat.eps, threat.eps))
     else:
-        z = torch.randn_like(x)
+        z = drawn_like(x, torch.Tensor.normal_)
         r = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
         delta = z / _per_sample_norm(z) * r * threat.eps
     return project(delta, x, threat)
@@ -99,7 +108,7 @@ def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
     """
     with torch.no_grad():
         logits_nat = model(x)
-    delta = (0.001 * torch.randn_like(x) if start is None else start).detach()
+    delta = (0.001 * drawn_like(x, torch.Tensor.normal_) if start is None else start).detach()
     if threat.norm == "linf":
         x_adv = x + delta
         for _ in range(steps):

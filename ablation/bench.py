@@ -12,8 +12,9 @@ The reference (``RiceStep``) is a transcription of the step in Rice et al.'s ``t
 (https://github.com/locuslab/robust_overfitting): PGD-K whose input gradient comes from
 ``loss.backward()`` (which fills every weight's ``.grad`` too), in train mode, then the forward
 that compares restarts, the training forward, backward and SGD step, and the clean logging forward
-in train mode with autograd on; fp32 and eager whatever ``precision`` and ``compile`` the project's
-step uses. On CUDA the project's step also has the trainer's fused SGD; the reference keeps torch's
+in train mode with autograd on; float32 and eager whatever ``precision`` and ``compile`` the
+project's step uses, in the same float32 math mode (IEEE for fp32, TF32 for tf32 and bf16: the
+trainer sets it for the process). On CUDA the project's step also has the trainer's fused SGD; the reference keeps torch's
 default SGD. With ``compile`` the warm-up batches include the compile (the timed ones do not).
 
 The per-epoch split runs the real ``Trainer.fit`` for one small epoch (train, evaluation,
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 from .config import TrialConfig, from_dict
 from .layers import LAYER_WISE
 from .data import Data, augment, dataset_info
-from .errors import ConfigError, TrainingDiverged
+from .device import resolve_device, tf32_enabled
+from .errors import TrainingDiverged
 from .models import build_model
 from .trainer import Reporter, Trainer
 
@@ -80,7 +82,7 @@ class BenchOptions:
     blocks: int = 1  # preact_small only
     batch_size: int = 128
     device: str = "auto"
-    precision: str = "fp32"  # the project's step; the reference stays fp32
+    precision: str = "fp32"  # the project's step; the reference stays float32 (same math mode)
     compile: bool = False  # torch.compile the project's model (the trial field); reference eager
     interventions: tuple[str, ...] = DEFAULT_INTERVENTIONS
     layers: tuple[int, ...] = DEFAULT_LAYERS  # for the layer-wise interventions
@@ -207,7 +209,7 @@ def project_step(trainer: Trainer) -> Callable[[Tensor, Tensor], None]:
     setting. The finite-loss check is ``train_epoch``'s, with its one synchronisation per batch.
     """
     def step(images: Tensor, labels: Tensor) -> None:
-        x = augment(trainer._batch(images), trainer.config.dataset)
+        x = trainer._batch(images, augmented=True)
         loss, _, _ = trainer.train_step(0, x, labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"bench: the project's training loss became {loss.item()}")
@@ -392,8 +394,7 @@ def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
         runs["checkpoint"].append(max(0.0, epoch - train - evaluation))
     # The clean logging forward alone, as train_step runs it, on augmented batches.
     model = trainer.model
-    xs = [augment(trainer._batch(x), DATASET)
-          for x, _ in _batches(data, opts.batch_size, n_batches)]
+    xs = [trainer._batch(x, augmented=True) for x, _ in _batches(data, opts.batch_size, n_batches)]
     model.train(config.log_pass_mode == "train")
     for _ in range(measured):
         _sync(device)
@@ -423,7 +424,7 @@ def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
 def _trial_worker(opts: BenchOptions, intervention: str, barrier: Any, results: Any) -> None:
     """One of several trials sharing the GPU: warm up, wait for the others, time the step."""
     try:
-        device = resolve_device(opts.device)
+        device = resolve_device(opts.device, "--device")
         if opts.threads:
             torch.set_num_threads(opts.threads)
         n = opts.batches * opts.repeats
@@ -491,15 +492,6 @@ def bench_trials_per_gpu(opts: BenchOptions, intervention: str, echo: Echo) -> l
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto, cpu or cuda; ConfigError (one line) for cuda on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here")
-    return torch.device(name)
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -517,28 +509,25 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "tf32": tf32_enabled(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def _add_mfu(row: dict[str, Any], env: dict[str, Any], precision: str) -> None:
-    """MFU of the project's median step against the peak for its precision (and, in fp32 with
-    cuDNN's TF32 on, against the TF32 peak as well); None where the peak is unknown."""
+    """MFU of the project's median step against the datasheet peak of its precision (fp32,
+    tf32 or bf16); None where the peak is unknown."""
     if not env["device"].startswith("cuda"):
         return
     achieved = row["flops_per_step"] / row["project"]["median_s"]
-    kinds = ["bf16"] if precision == "bf16" else ["fp32"] + (["tf32"] if env["cudnn_allow_tf32"]
-                                                              else [])
-    for kind in kinds:
-        peak = peak_flops(env["device_name"], kind)
-        row[f"mfu_{kind}"] = achieved / peak if peak else None
+    peak = peak_flops(env["device_name"], precision)
+    row[f"mfu_{precision}"] = achieved / peak if peak else None
     row["achieved_flops_per_s"] = achieved
 
 
 def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str, Any]:
     """Every measurement of ``opts``; returns them as one JSON-ready dict."""
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device, "--device")
     threads_before = torch.get_num_threads()
     threads = opts.threads or (1 if device.type == "cpu" else None)
     if threads:
@@ -573,10 +562,9 @@ def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str
             result["trials_per_gpu"] = bench_trials_per_gpu(opts, opts.interventions[0], echo)
         result["notes"].append("FLOPs are torch.utils.flop_counter's count: matmul and "
                                "convolution FLOPs only (forward and backward).")
-        if device.type == "cuda" and opts.precision == "fp32" and env["cudnn_allow_tf32"]:
-            result["notes"].append("fp32 convolutions run in TF32 on tensor cores "
-                                   "(torch.backends.cudnn.allow_tf32 is on): mfu_fp32 is against "
-                                   "the plain FP32 peak, mfu_tf32 against the TF32 one.")
+        if device.type == "cuda":
+            result["notes"].append("the reference loop runs float32 in the project's math mode: "
+                                   "IEEE for fp32, TF32 tensor cores for tf32 and bf16.")
         return result
     finally:
         torch.set_num_threads(threads_before)
@@ -612,7 +600,7 @@ def format_report(result: dict[str, Any]) -> list[str]:
         ""]
     head = f"{'intervention':<12} {'project img/s':>13} {'reference img/s':>15} " \
            f"{'ratio (median)':>14} {'ratio (min)':>11} {'GFLOP/img':>9}"
-    kinds = ["bf16"] if opts["precision"] == "bf16" else ["fp32", "tf32"]
+    kinds = [opts["precision"]]
     if cuda:
         head += "".join(f" {'MFU ' + k:>9}" for k in kinds) + f" {'peak mem':>10}"
     lines.append(head)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,21 @@ from . import layers as layer_groups
 from .config import INTERVENTIONS, MODELS, TrialConfig, from_dict, load_trial, parse_yaml
 from .datafiles import LAYOUTS, check_data
 from .errors import AblateError, ConfigError, RunFailed, quote
+
+
+# SIGTERM, which SLURM, `ray job stop` and Kubernetes send to stop a job, is raised in the main
+# thread as Ctrl-C's KeyboardInterrupt, so that a command stops the same way: every `with` and
+# `finally` on the way out runs (Ray shut down, the driver's lock released, no trial marked). Which
+# of the two it was is noted here: Ray's blocking calls raise a KeyboardInterrupt of their own in
+# place of the handler's (and would drop any other exception).
+_sigterm_received = False
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    global _sigterm_received
+    if not _sigterm_received:  # once: a second must not cut short the cleanup the first began
+        _sigterm_received = True
+        raise KeyboardInterrupt
 
 
 def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig:
@@ -40,6 +56,10 @@ def cli() -> None:
 @click.option("--autoattack", type=int, is_flag=False, flag_value=0, default=None, metavar="[N]",
               help="After training, run standard AutoAttack on the best and last weights, on the "
                    "first N test images (all of them when N is left out or 0).")
+@click.option("--autoattack-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="AutoAttack's batch (default: on a GPU as many images as fit in half its "
+                   "free memory, on the CPU 250). Its restarts are drawn per batch, so the "
+                   "number moves by a few images' worth with it.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set epochs=5 --set device=cuda. Repeatable.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
@@ -48,8 +68,8 @@ def cli() -> None:
                    "curve; more threads speed up a lone trial on the CPU but change the float "
                    "rounding. A GPU trial needs no more than 1.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tuple[str, ...],
-          threads: int, quiet: bool) -> None:
+def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batch: int | None,
+          overrides: tuple[str, ...], threads: int, quiet: bool) -> None:
     """Train one trial from a TRIAL.yaml config and write curves.parquet, summary.json and
     checkpoint.pt to the output folder.
 
@@ -60,7 +80,12 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
     check_data(config.dataset, config.data_root, config.download)
     from .local import train_trial  # torch loads here, so --help, config and data errors are fast
 
-    train_trial(config, out, autoattack, threads, quiet)
+    try:
+        train_trial(config, out, autoattack, threads, quiet, autoattack_batch)
+    except KeyboardInterrupt:
+        if not _sigterm_received:
+            raise  # Ctrl-C: click's blank line closes the terminal's ^C
+        raise click.exceptions.Abort() from None  # SIGTERM: there is no ^C to close
 
 
 @cli.command()
@@ -77,12 +102,14 @@ def train(trial: Path, out: Path | None, autoattack: int | None, overrides: tupl
               show_default=True, help="CPUs reserved per trial (also torch's thread count).")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
               help="GPUs per trial; fractions pack several trials on one GPU (bookkeeping "
-                   "only: each still takes the memory it needs). Default: 1 if the Ray "
-                   "cluster has GPUs, else 0.")
+                   "only: each still takes the memory it needs); 0 trains every trial on the "
+                   "CPU. Default: 1 if the Ray cluster has GPUs, else 0.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="At most this many trials at once (default: as resources allow).")
 @click.option("--max-failures", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Times Ray retries a failed trial (from its last checkpoint) in one run.")
+              help="Times Ray retries a failed trial (from its last checkpoint) in one run; "
+                   "a failure a retry cannot fix (a diverged loss, a training step out of GPU "
+                   "memory, a foreign checkpoint) is not retried.")
 @click.option("--restart-errored", is_flag=True,
               help="Start trials that errored in an earlier run from scratch instead of "
                    "resuming them from their checkpoints.")
@@ -321,12 +348,17 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
               help="Attack the first N test images (default or 0: all of them).")
 @click.option("--device", default=None, help="Where to run, e.g. cuda or cpu (default: each "
                                              "trial's own device setting).")
-def evaluate(run_dir: str, n_examples: int | None, device: str | None) -> None:
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="AutoAttack's batch (default: on a GPU as many images as fit in half its "
+                   "free memory, on the CPU 250).")
+def evaluate(run_dir: str, n_examples: int | None, device: str | None,
+             batch_size: int | None) -> None:
     """AutoAttack (standard) the best and last weights of every finished trial that lacks it,
     and add the numbers to the run's summary table. Resumable: run it again after a stop."""
     from .evaluate import evaluate_run
 
-    done = evaluate_run(run_dir, n_examples or None, device, echo=lambda m: click.echo(m, err=True))
+    done = evaluate_run(run_dir, n_examples or None, device,
+                        echo=lambda m: click.echo(m, err=True), batch_size=batch_size)
     click.echo(f"AutoAttack added for {len(done)} trial(s)")
 
 
@@ -357,8 +389,10 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
-              show_default=True, help="The project's step; the reference loop stays fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32",
+              show_default=True,
+              help="The project's step; the reference loop stays float32, in the same math mode "
+                   "(IEEE for fp32, TF32 for tf32 and bf16).")
 @click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
               help="Repeatable (default: all five).")
 @click.option("--layers", default="3,4", show_default=True,
@@ -428,10 +462,18 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2; Ctrl-C and SIGTERM
+    one line each (every command resumes where it stopped)."""
+    global _sigterm_received
+    _sigterm_received = False
+    # For the whole command; tune.ray_cluster puts it back after ray.init, which replaces it.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         cli.main(args=argv, prog_name="ablate", standalone_mode=False)
-    except click.exceptions.Abort:  # Ctrl-C; every command resumes where it stopped
+    except click.exceptions.Abort:  # Ctrl-C, or SIGTERM raised as one
+        if _sigterm_received:
+            click.echo("stopped by SIGTERM; run the same command again to resume", err=True)
+            sys.exit(128 + signal.SIGTERM)  # 143, as a shell reports a process SIGTERM ended
         click.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as err:
@@ -444,3 +486,6 @@ def main(argv: list[str] | None = None) -> None:
     except RunFailed as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:  # None: C code installed it, and Python cannot put it back
+            signal.signal(signal.SIGTERM, previous)

@@ -27,7 +27,11 @@ MODELS = ("preact18", "preact34", "wrn34_10", "vgg16", "dpn26", "dla", "preact_s
 METHODS = ("at", "trades")
 THREATS = ("linf", "l2")
 INTERVENTIONS = ("none", *LAYER_WISE, "awp_full")
-PRECISIONS = ("fp32", "bf16")
+# fp32: IEEE float32 throughout (no TF32 tensor-core math); tf32: float32 tensors, convolutions
+# and matmuls in TF32 on GPUs that have it (Ampere and newer; elsewhere the same as fp32); bf16:
+# autocast to bfloat16 (GPUs of compute capability 8.0 and newer); fp64: float64 throughout, for
+# checks (reference numbers that hold across CPUs, docs/method.md C.8).
+PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 LR_UPDATES = ("iteration", "epoch")
 MODEL_MODES = ("train", "eval")
 
@@ -35,7 +39,7 @@ MODEL_MODES = ("train", "eval")
 # the key, so a sweep moved to a cluster with another data path or device resumes instead of
 # restarting. The evaluation batch size only groups eval-mode attacks, which are independent per
 # image; channels_last only changes the memory layout and compile only how the forward is run
-# (all three: equal up to float rounding).
+# (all three: equal up to float rounding; the random draws are the same, docs/method.md C.1).
 RUNTIME_FIELDS = ("data_root", "download", "device", "test_batch_size", "channels_last", "compile")
 
 
@@ -65,7 +69,7 @@ class TrialConfig:
     awp_warmup: int | None = None  # 0; SVHN Linf AT: 5; TRADES and VGG-16: 10 (A.5)
     epochs: int = 200
     batch_size: int = 128
-    test_batch_size: int = 128  # eval-mode batches; on a GPU, 1024+ is faster (a runtime field)
+    test_batch_size: int | None = None  # eval-mode batches; None: 128 on the CPU, from free memory on a GPU
     lr_max: float | None = None  # 0.1; SVHN 0.01 (A.2)
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where the LR drops x0.1
     lr_update: str | None = None  # AT: every iteration (A.2); TRADES: per epoch, as its code does
@@ -74,7 +78,7 @@ class TrialConfig:
     seed: int = 0
     train_eval_size: int = 10_000  # fixed train subset attacked in eval mode each epoch (A.8)
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, tf32, bf16 or fp64 (PRECISIONS above)
     channels_last: bool = False  # NHWC memory layout on CUDA (faster convolutions; runtime field)
     compile: bool = False  # torch.compile the model's forward (faster once compiled; runtime field)
 
@@ -336,9 +340,11 @@ def _validate(c: TrialConfig) -> None:
                 raise ConfigError(f"key {f.name!r}: {v!r} is beyond float32's range (3.4e38), "
                                   "in which training computes")
     positive = {"eps": c.eps, "step": c.step, "lr_max": c.lr_max, "epochs": c.epochs,
-                "batch_size": c.batch_size, "test_batch_size": c.test_batch_size,
+                "batch_size": c.batch_size,
                 "train_steps": c.train_steps, "test_steps": c.test_steps,
                 "width": c.width, "blocks": c.blocks}
+    if c.test_batch_size is not None:
+        positive["test_batch_size"] = c.test_batch_size
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"key {name!r}: must be > 0, got {quote(value)}")

@@ -5,9 +5,11 @@ one forward as ``torch.utils.flop_counter`` counts them: convolutions and matmul
 with input-only gradients costs 2F (forward, backward to the input), a training step 3F (forward,
 backward to inputs and weights), a plain forward 1F. The rate that turns FLOPs into seconds is
 measured, never assumed: by default the H200 measurement in BENCHMARKS.md (a PreAct ResNet-18
-CIFAR-10 PGD-10 AT epoch, training and evaluation, in 36 s, fp32), or the training step of your
-own ``ablate bench --json`` file. One rate for everything: evaluation, other models and bf16
-run at other efficiencies, so the number is an estimate, to about a factor of 1.5.
+CIFAR-10 PGD-10 AT epoch, training and evaluation, in 36 s, float32 with TF32 convolutions: what
+``precision: tf32`` names), or the training step of your own ``ablate bench --json`` file. One
+rate for everything: evaluation, other models and other precisions run at other efficiencies, so
+the number is an estimate, to about a factor of 1.5 (IEEE fp32 on a GPU with TF32 is slower than
+that: not measured yet).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from .fork import TRAIN_IMAGES, Fork
 
 TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "svhn": 26_032, "digits": 360,
                "synthetic": 256}
-# BENCHMARKS.md, "GPU": ablate bench run B on an NVIDIA H200 (torch 2.11, fp32 with TF32
-# convolutions), projected to a full CIFAR-10 epoch: 24.6 s training + 10.8 s evaluation + 0.2 s
+# BENCHMARKS.md, "GPU": ablate bench run B on an NVIDIA H200 (torch 2.11, float32 with TF32
+# convolutions, which torch then did by default: `precision: tf32` now), projected to a full CIFAR-10 epoch: 24.6 s training + 10.8 s evaluation + 0.2 s
 # checkpoint, for the default PreAct ResNet-18 PGD-10 AT trial.
 REFERENCE_EPOCH_S = 36.0
 REFERENCE = TrialConfig()  # the trial that epoch time was measured for
-REFERENCE_NAME = "one NVIDIA H200, fp32 (BENCHMARKS.md: 36 s per PreAct-18 CIFAR-10 AT epoch)"
+REFERENCE_NAME = ("one NVIDIA H200, tf32 (BENCHMARKS.md: 36 s per PreAct-18 CIFAR-10 AT epoch "
+                  "with TF32 convolutions)")
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,8 @@ class RunFailed(Exception):
 
 class TrainingDiverged(RunFailed):
     """The training loss became NaN or infinite; the trial stops with a one-line message."""
+
+
+class OutOfMemory(RunFailed):
+    """A training step that does not fit in the GPU's memory: one line naming the trial, the
+    model and the memory asked for (retrying cannot help)."""

@@ -19,17 +19,22 @@ from .curves import best_last
 from .data import Data, load_data
 from .io import load_json, load_torch, save_json
 from .provenance import provenance
-from .trainer import build_trial_model, load_best, resolve_device
+from .device import eval_batch_size, resolve_device
+from .trainer import build_trial_model, load_best
+
+AUTOATTACK_CPU_BATCH = 250  # AutoAttack's own default batch
 
 
 def write_summary(config: TrialConfig, workdir: str | Path, history: list[dict[str, Any]], *,
                   autoattack: int | None = None, weights_changed: bool = True,
-                  data: Data | None = None) -> dict[str, Any]:
+                  data: Data | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Write ``summary.json`` (best / last / diff) into the trial folder and return it.
 
     With ``autoattack`` (N test images, 0 = all) it also holds AutoAttack numbers, kept from the
     previous summary when the weights did not change since (``weights_changed=False``) and N is
-    the same. ``data`` saves loading the dataset again when the caller holds it.
+    the same. ``data`` saves loading the dataset again when the caller holds it; call it after
+    the trainer's ``release()``, so that AutoAttack has the GPU's memory. ``batch_size`` is
+    AutoAttack's (None: as the per-epoch evaluation chooses its batch).
     """
     workdir = Path(workdir)
     summary: dict[str, Any] = {"key": config.key, **best_last(history),
@@ -41,18 +46,27 @@ def write_summary(config: TrialConfig, workdir: str | Path, history: list[dict[s
         data = data or load_data(config.dataset, config.data_root, config.download)
         n = min(autoattack or len(data.test_y), len(data.test_y))
         if summary.get("autoattack_n") != n:
-            summary.update(autoattack_trial(config, workdir, n, data))
+            summary.update(autoattack_trial(config, workdir, n, data, batch_size))
     save_json(summary, path)
     return summary
 
 
-def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data) -> dict[str, Any]:
-    """Standard AutoAttack accuracy of the trial's best and last weights on ``n`` test images.
+def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data,
+                     batch_size: int | None = None) -> dict[str, Any]:
+    """Standard AutoAttack accuracy of the trial's best and last weights on ``n`` test images,
+    ``batch_size`` at a time (None: on a GPU as many as fit, as for the per-epoch evaluation;
+    AUTOATTACK_CPU_BATCH on the CPU). AutoAttack draws its random restarts per batch, so its
+    number depends on the batch size by a few images' worth.
 
     The best weights' number is kept in ``autoattack.partial.json`` until the last weights' is
-    known too, so a run stopped in between does not attack the best weights again.
+    known too, so a run stopped in between does not attack the best weights again. AutoAttack's
+    batches shrink as images are found non-robust, so cuDNN's benchmark mode (which the trainer
+    turns on for its fixed shapes) would search kernels for every new size: it is turned off.
     """
+    import torch
+
     device = resolve_device(config.device)
+    torch.backends.cudnn.benchmark = False
     model = build_trial_model(config, data.info).to(device)
     checkpoint = load_torch(workdir / files.CHECKPOINT)
     threat = ThreatModel(config.threat, config.eps, config.step)
@@ -61,12 +75,16 @@ def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data) -> 
     out: dict[str, Any] = partial if partial.get("autoattack_n") == n else {}
     out["autoattack_n"] = n
     weights = {"best": lambda: load_best(workdir, checkpoint), "last": lambda: checkpoint["model"]}
+    if batch_size is None and device.type == "cuda":
+        image = data.test_x[:1].to(device).float().div(255)[0]
+        batch_size = eval_batch_size(model, image, device)
     for which in ("best", "last"):
         if f"{which}_autoattack_acc" in out:
             continue
         model.load_state_dict(weights[which]())
         out[f"{which}_autoattack_acc"] = autoattack_accuracy(
-            model, data.test_x.to(device), data.test_y.to(device), threat, n, seed=config.seed)
+            model, data.test_x.to(device), data.test_y.to(device), threat, n,
+            batch_size=batch_size or AUTOATTACK_CPU_BATCH, seed=config.seed)
         save_json(out, partial_path)
     out["diff_autoattack_acc"] = out["best_autoattack_acc"] - out["last_autoattack_acc"]
     partial_path.unlink(missing_ok=True)
@@ -74,7 +92,8 @@ def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data) -> 
 
 
 def evaluate_run(location, n_examples: int | None, device: str | None = None,
-                 echo: Callable[[str], None] = lambda message: None) -> list[str]:
+                 echo: Callable[[str], None] = lambda message: None,
+                 batch_size: int | None = None) -> list[str]:
     """AutoAttack the best and last weights of every finished trial of a run folder (a path or a
     URI) that lacks it (or has it on another number of images). Each trial's numbers are saved
     as soon as they exist, so an interrupted evaluation resumes where it stopped. Returns the
@@ -103,7 +122,7 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
         if best is not None:  # else a 0.2.0 checkpoint, which holds the best weights
             run.sync(files.trial_file(key, files.best_checkpoint(best)))
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
-        summary.update(autoattack_trial(config, run.trial_dir(key), n, data))
+        summary.update(autoattack_trial(config, run.trial_dir(key), n, data, batch_size))
         run.write_json(files.trial_file(key, files.SUMMARY), summary)
         run.rebuild_summaries()
         done.append(key)

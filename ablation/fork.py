@@ -6,7 +6,9 @@ differs (with the paper's schedule, epochs 0-98 of 200); an AWP trial with warm-
 its w inactive epochs. E is found by evaluating, batch by batch, the same schedule functions the
 trainer uses (:mod:`ablation.schedule`), never by a formula of its own. With the same seed the two
 trials draw the same random numbers in the same order (the intervention draws none), so the
-fork's first E epochs are the baseline's, bit for bit; tests/test_fork.py checks it.
+fork's first E epochs are the baseline's: bit for bit against the same trial trained from scratch
+on one machine's CPU (tests/test_fork.py checks it), to float rounding on a GPU, whose kernels do
+not round repeatably (docs/method.md C.1).
 
 Torch-free: ``ablate run --dry-run`` plans with it.
 """

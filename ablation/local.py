@@ -89,9 +89,9 @@ def check_out_folder(config: TrialConfig, out: Path) -> None:
 
 
 def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
-                threads: int, quiet: bool) -> None:
+                threads: int, quiet: bool, autoattack_batch: int | None = None) -> None:
     """Train (or resume) one trial into ``out`` with ``threads`` CPU threads; optionally
-    AutoAttack its best and last weights."""
+    AutoAttack its best and last weights (``autoattack_batch`` images at a time)."""
     out = (out or Path("runs") / "train" / config.key).resolve()
     torch.set_num_threads(threads)
     check_out_folder(config, out)
@@ -112,8 +112,10 @@ def train_trial(config: TrialConfig, out: Path | None, autoattack: int | None,
         reporter.close()
     if autoattack is not None:
         click.echo(f"{config.key}: AutoAttack on best and last weights (unless done)", err=True)
+    trainer.release()  # AutoAttack gets the GPU's memory
     summary = write_summary(config, out, history, autoattack=autoattack, data=trainer.data,
-                            weights_changed=not trainer.finished_at_start)
+                            weights_changed=not trainer.finished_at_start,
+                            batch_size=autoattack_batch)
     save_parquet(curves_frame(config, history), out / files.TRIAL_CURVES)
     _print_summary(summary, out)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from .attacks import ThreatModel, pgd, random_start
 from .config import TrialConfig, from_dict
 from .curves import best_last
 from .data import Data, DatasetInfo, augment, load_data
-from .errors import ConfigError, TrainingDiverged
+from .device import check_precision, dtype_of, eval_batch_size, oom_line, resolve_device, set_tf32
+from .errors import ConfigError, OutOfMemory, TrainingDiverged
 from .fork import Fork, batches_per_epoch, shared_epochs
 from .interventions import build_intervention
 from .io import load_torch, save_torch
@@ -53,39 +56,41 @@ class Reporter:
         """Called after each epoch, once its checkpoint is on disk."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"key 'device': {name!r} asked for, but CUDA is not available here")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every CUDA device too
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA generator states, in types ``weights_only`` loading accepts."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy and torch generator states and, on a GPU, the generator of the trial's own
+    device (not every visible GPU's: a sweep's worker sees one, a login node eight), in types
+    ``weights_only`` loading accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device, saved_on: str = "auto") -> None:
+    """Restore what :func:`rng_state` saved. A CPU trial ignores a GPU's state (a GPU checkpoint
+    resumes on the CPU with the CPU's own draws, which never came from that generator). Before
+    0.3 the GPU part was a list, one state per GPU visible to the writer: the trial's device
+    was the one its ``device`` field (``saved_on``) named."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):
+        written = torch.device(saved_on) if saved_on.startswith("cuda") else torch.device("cuda")
+        cuda = cuda[written.index or 0] if (written.index or 0) < len(cuda) else \
+            (cuda[0] if cuda else None)
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def build_trial_model(config: TrialConfig, info: DatasetInfo) -> torch.nn.Module:
@@ -112,33 +117,43 @@ class Trainer:
         self.workdir = Path(workdir).resolve()  # Ray may change the working directory
         self.checkpoint_path = self.workdir / files.CHECKPOINT
         self.device = resolve_device(config.device)
+        check_precision(config.precision, self.device)
+        self.dtype = dtype_of(config.precision)
+        if self.device.type == "cuda":
+            # fp32 means IEEE float32; bf16's float32 leftovers run as PyTorch runs them by
+            # default (docs/method.md C.6)
+            set_tf32(config.precision in ("tf32", "bf16"))
         seed_everything(config.seed)
         if data is None:
             data = load_data(config.dataset, config.data_root, config.download)
         self.data = data.to(self.device)
-        self.model = build_trial_model(config, self.data.info).to(self.device)
+        self.model = build_trial_model(config, self.data.info).to(self.device, self.dtype)
         self.memory_format = (torch.channels_last if config.channels_last
                               else torch.contiguous_format)
         self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        self.eval_batch = config.test_batch_size or eval_batch_size(
+            self.model, self._batch(self.data.test_x[:1])[0], self.device)
         self.method = build_method(config)
         self.intervention = build_intervention(self.model, config)  # AWP's proxy: an eager copy
         if config.compile:
             # In place (nn.Module.compile): self.model keeps its parameter names, so checkpoints
             # are the same compiled or not and each resumes the other; attack, training, logging
-            # pass and evaluation all run compiled. Dynamic batch size: the short last batch and
-            # the eval batches share graphs (one per train/eval mode x input grad / weight grad /
-            # no grad; 7 with Inductor on the CPU). No CUDA graphs ("reduce-overhead"): a replay
-            # overwrites the previous replay's outputs, and the trainer keeps some (logits_adv
-            # past the logging pass); not verified on a GPU, so off. AWP's proxy stays eager: 1
-            # of the 13 forwards of a PGD-10 batch, and its frozen weights need graphs of their
-            # own. Graphs are per process: a later trial in it reuses them (fix_param's frozen
-            # weights add some, hence a limit above dynamo's 8, past which it runs eagerly), but
-            # Tune (reuse_actors off) starts each trial in a new process, which traces again and
-            # takes Inductor's kernels from its on-disk cache.
+            # pass and evaluation all run compiled. Static shapes (dynamic=False): Inductor picks
+            # channels-last layouts only for static graphs; the short last batches and the eval
+            # batch add a graph each per train/eval mode x input grad / weight grad / no grad,
+            # hence a recompile limit above dynamo's 8 (past it, a graph runs eagerly). No CUDA
+            # graphs ("reduce-overhead"): a replay overwrites the previous replay's outputs, and
+            # the trainer keeps some (logits_adv past the logging pass). AWP's proxy stays eager:
+            # 1 of the 13 forwards of a PGD-10 batch. Graphs are per process: Tune (reuse_actors
+            # off) starts each trial in a new process, which traces again and takes Inductor's
+            # kernels from its on-disk cache. Inductor compiles with as many workers as the
+            # trial has threads (its default is up to 32 per process, whatever
+            # --cpus-per-trial says).
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.model.compile(dynamic=True)
+            torch._inductor.config.compile_threads = torch.get_num_threads()
+            self.model.compile(dynamic=False)
         # On CUDA one fused kernel does the whole SGD update (the same formula, equal up to
         # float rounding); elsewhere torch's default. A checkpoint's param groups carry the
         # fused/foreach flags of the device that wrote it; a resume keeps this device's.
@@ -205,8 +220,28 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _batch(self, x: Tensor) -> Tensor:
-        return x.float().div_(255).contiguous(memory_format=self.memory_format)
+    def _batch(self, x: Tensor, augmented: bool = False) -> Tensor:
+        """uint8 images as model inputs in [0, 1], augmented for training, in the model's dtype
+        and memory layout (augmentation's gather returns NCHW whatever it was given)."""
+        x = x.to(self.dtype).div_(255)
+        if augmented:
+            x = augment(x, self.config.dataset)
+        return x.contiguous(memory_format=self.memory_format)
+
+    @contextmanager
+    def _input_gradients_only(self) -> Iterator[None]:
+        """Weights stop requiring gradients for an attack, which needs d loss / d x alone. Eager
+        autograd then records no weight-gradient nodes; a compiled graph (AOTAutograd's joint
+        graph) would otherwise compute every weight gradient too, ~40% more FLOPs per PGD
+        step. The values are the same. Frozen weights (fix-param) stay frozen."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, float]:
         """One pass over the shuffled, augmented training set; running train metrics (A.8)."""
@@ -223,9 +258,15 @@ class Trainer:
                 if not group.get("fixed_lr"):
                     group["lr"] = lr
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = augment(self._batch(self.data.train_x[idx]), cfg.dataset)
+            x = self._batch(self.data.train_x[idx], augmented=True)
             y = self.data.train_y[idx]
-            loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
+            try:
+                loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
+            except torch.cuda.OutOfMemoryError as err:
+                raise OutOfMemory(
+                    f"trial {cfg.key}: out of GPU memory in a training step ({cfg.model}, batch "
+                    f"{cfg.batch_size}, {cfg.precision}): {oom_line(err)}; lower batch_size, or "
+                    "give each trial more of a GPU (--gpus-per-trial)") from None
             # The first batch whose loss is not finite, kept on the device: reading it every
             # batch would stall a GPU on a host sync; it is read every DIVERGENCE_CHECK batches.
             bad = ~torch.isfinite(loss)
@@ -251,7 +292,8 @@ class Trainer:
         if batch >= 0:
             lr = learning_rate(self.config, schedule_time(self.config, epoch, batch, batches))
             raise TrainingDiverged(f"trial {self.config.key}: the training loss stopped being "
-                                   f"finite at epoch {epoch}, batch {batch} (lr {lr:g})")
+                                   f"finite at epoch {epoch}, batch {batch} (lr {lr:g}); lower "
+                                   "lr_max or check the data, then train it from scratch")
 
     def train_step(self, epoch: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Attack, update and log one batch (B §3.2); returns (loss, logits on x_adv, logits on x).
@@ -262,7 +304,7 @@ class Trainer:
         # Three autocast regions, not one: autocast caches each weight's low-precision copy for
         # the life of a region, so AWP's in-place perturbation would be invisible to a training
         # forward in the attack's region (C.6).
-        with self._autocast():
+        with self._autocast(), self._input_gradients_only():
             x_adv = self.method.attack(model, x, y)
         model.train()
         with self._autocast():
@@ -304,25 +346,43 @@ class Trainer:
         """Clean and PGD-``steps`` loss and accuracy of the model in eval mode.
 
         The random starts of all images are drawn at once, so each image's attack (independent
-        of its batch-mates in eval mode) is the same whatever ``test_batch_size`` groups it with.
+        of its batch-mates in eval mode) is the same whatever batch groups it: a batch that runs
+        out of GPU memory is halved and the evaluation goes on from that batch.
         """
         self.model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        bs = self.config.test_batch_size
         images = self._batch(images)
         starts = random_start(images, self.eval_threat)
-        for i in range(0, len(labels), bs):
-            x, y = images[i:i + bs], labels[i:i + bs]
-            with self._autocast():
-                x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=starts[i:i + bs])
-                with torch.no_grad():
-                    logits_nat, logits_adv = self.model(x).float(), self.model(x_adv).float()
-            sums += torch.stack([
-                F.cross_entropy(logits_nat, y, reduction="sum"), (logits_nat.argmax(1) == y).sum(),
-                F.cross_entropy(logits_adv, y, reduction="sum"), (logits_adv.argmax(1) == y).sum(),
-            ]).double()
+        i = 0
+        while i < len(labels):
+            bs = self.eval_batch
+            try:
+                sums += self._attack_batch(images[i:i + bs], labels[i:i + bs], steps,
+                                           starts[i:i + bs])
+            except torch.cuda.OutOfMemoryError as err:
+                if bs == 1:
+                    raise OutOfMemory(f"trial {self.config.key}: out of GPU memory evaluating "
+                                      f"one image: {oom_line(err)}") from None
+                self.eval_batch = bs // 2
+                torch.cuda.empty_cache()
+                warnings.warn(f"trial {self.config.key}: evaluation batch {bs} ran out of GPU "
+                              f"memory; going on with {self.eval_batch}", stacklevel=2)
+                continue
+            i += bs
         loss, acc, robust_loss, robust_acc = (sums / len(labels)).tolist()
         return {"loss": loss, "acc": acc, "robust_loss": robust_loss, "robust_acc": robust_acc}
+
+    def _attack_batch(self, x: Tensor, y: Tensor, steps: int, start: Tensor) -> Tensor:
+        """Summed clean loss, clean correct, PGD loss and PGD correct of one evaluation batch."""
+        with self._autocast():
+            with self._input_gradients_only():
+                x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=start)
+            with torch.no_grad():
+                logits_nat, logits_adv = self.model(x).float(), self.model(x_adv).float()
+        return torch.stack([
+            F.cross_entropy(logits_nat, y, reduction="sum"), (logits_nat.argmax(1) == y).sum(),
+            F.cross_entropy(logits_adv, y, reduction="sum"), (logits_adv.argmax(1) == y).sum(),
+        ]).double()
 
     def _state(self) -> dict[str, Any]:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -337,7 +397,7 @@ class Trainer:
             # (fix-lr splits them), finds its momentum buffers by name.
             "param_names": [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]],
             "intervention": self.intervention.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "best_epoch": self.best_epoch,
             "history": self.history,
         }
@@ -382,8 +442,9 @@ class Trainer:
                               f"{self.config.key!r}; use another output folder")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._match_layouts()
         self.intervention.load_state_dict(state["intervention"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device, state["config"].get("device", "auto"))
         self.history = state["history"]
         self.best_state = load_best(self.workdir, state)
         self.best_saved = state.get("best_epoch")  # None in 0.2.0's, which held the weights
@@ -412,12 +473,34 @@ class Trainer:
         order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         own["state"] = {i: momentum[n] for i, n in enumerate(order) if n in momentum}
         self.optimizer.load_state_dict(own)
-        set_rng_state(state["rng"])
+        self._match_layouts()
+        set_rng_state(state["rng"], self.device, state["config"].get("device", "auto"))
         fixed = [g["lr"] for g in self.optimizer.param_groups if g.get("fixed_lr")]
         self.history = [{**row, "lr_fixed": fixed[0] if fixed else math.nan,
                          "forked_from": fork.parent} for row in state["history"]]
         self.best_state = state["best_model"]
         self.forked_from = fork.parent
+
+
+    def _match_layouts(self) -> None:
+        """Give each loaded optimizer buffer its parameter's memory layout: a checkpoint written
+        with another ``channels_last`` (a runtime field) holds buffers with the other strides,
+        which CUDA's fused SGD refuses (the CPU's kernels accept them)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                for name, value in state.items():
+                    if torch.is_tensor(value) and value.shape == p.shape \
+                            and value.stride() != p.stride():
+                        state[name] = torch.empty_like(p).copy_(value)
+
+    def release(self) -> None:
+        """Free the trainer's device memory (model, optimizer, AWP's proxy) for what runs after
+        training in the same process (AutoAttack); ``data`` stays for it."""
+        for name in ("model", "optimizer", "intervention", "method", "train_eval"):
+            self.__dict__.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def fork_path(workdir: Path, fork: Fork) -> Path:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 from . import files
 from .config import TrialConfig, from_dict
 from .datafiles import check_data
-from .errors import AblateError, ConfigError, DataError
+from .errors import AblateError, ConfigError, DataError, RunFailed
 from .evaluate import write_summary
 from .fork import Fork
 from .io import load_torch
@@ -38,9 +40,9 @@ class TuneReporter(Reporter):
 
     At a URI, each epoch's files go up on a background thread while the next epoch trains (a
     worker killed before its checkpoint arrives costs that epoch again, never a wrong one: the
-    resumed trial recomputes it bit for bit); a fork file is sent before its epoch is reported,
-    since the driver then releases the trials that start from it, maybe on another node. Each
-    report names the fork files the trial folder holds."""
+    resumed trial recomputes it, bit for bit on a CPU, to rounding on a GPU); a fork file is sent
+    before its epoch is reported, since the driver then releases the trials that start from it,
+    maybe on another node. Each report names the fork files the trial folder holds."""
 
     def __init__(self, run: RunDir, workdir: Path):
         from .remote import BackgroundUploads
@@ -73,13 +75,52 @@ class TuneReporter(Reporter):
             self.uploads.flush()
 
 
+def trial_device(device: str, gpu_ids: Sequence[Any]) -> str:
+    """The ``device`` a trial trains on, from its config's field and the GPUs Ray gave it.
+
+    Ray 2.60 no longer hides the GPUs from a trial that asked for none (CUDA_VISIBLE_DEVICES
+    stays as it was), so without this ``auto`` would put every such trial on GPU 0, which Ray
+    does not account for. A trial given a GPU sees only its own, as cuda:0."""
+    if gpu_ids:
+        return device
+    if device == "auto":
+        return "cpu"
+    if device.startswith("cuda"):
+        raise ConfigError(f"key 'device': {device!r} asks for a GPU, but Ray gave this trial "
+                          "none; pass --gpus-per-trial (e.g. 1, or 0.5 to share one) or set "
+                          "device: auto")
+    return device
+
+
 def ablate_trial(params: dict[str, Any]) -> None:
-    """The Tune trainable (its name must stay stable): train or resume one trial in its folder."""
-    import torch
+    """The Tune trainable (its name must stay stable): train or resume one trial in its folder.
+
+    A failure that a retry cannot fix (RunFailed: a diverged loss, a training step out of GPU
+    memory; AblateError: a foreign checkpoint, missing data, a device Ray did not give) is
+    reported to the driver as one line, ``{"failed": ...}``, and the trainable returns: Tune
+    would retry an exception ``--max-failures`` times, failing the same way each time. Any
+    other exception (a lost worker, a bug) is left to Tune's retries."""
+    import ray
     from ray import tune
 
     spec = params["trial"]
+    key = spec["key"]
+    try:
+        summary = _train_trial(spec, ray.get_gpu_ids())
+    except (RunFailed, AblateError) as err:
+        line = " ".join(str(err).split())  # error.txt holds one line, naming the trial
+        tune.report({"failed": line if key in line else f"trial {key}: {line}",
+                     "pid": os.getpid()})
+        return
+    tune.report({"summary": summary, "pid": os.getpid()})
+
+
+def _train_trial(spec: dict[str, Any], gpu_ids: Sequence[Any]) -> dict[str, Any]:
+    """Train or resume the trial ``spec`` describes, on the GPUs Ray gave it; its summary."""
+    import torch
+
     key, config = spec["key"], from_dict(spec["config"], source=spec["key"])
+    config = config.replace(device=trial_device(config.device, gpu_ids))  # not part of the key
     fork = Fork(**spec["fork"]) if spec.get("fork") else None
     try:  # this node's copy of the data, before anything is pulled or trained
         check_data(config.dataset, config.data_root, config.download)
@@ -108,15 +149,18 @@ def ablate_trial(params: dict[str, Any]) -> None:
             f" from {trainer.forked_from}'s checkpoint" if trainer.forked_from else "")
         with open(workdir / files.ATTEMPTS, "a") as log:  # one line per start: resumed where
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} on "
-                      f"{socket.gethostname()} {start}\n")
+                      f"{socket.gethostname()} {start}, device {trainer.device}\n")
         run.push(workdir / files.ATTEMPTS)
         reporter = TuneReporter(run, workdir)
-        history = trainer.fit(reporter)
-        reporter.flush()  # the final checkpoint is at the URI before the summary says done
+        try:
+            history = trainer.fit(reporter)
+        finally:  # the last checkpoint is at the URI before the summary says done, and before
+            reporter.flush()  # a failure is reported: the next run resumes from it
+        trainer.release()  # the GPU memory of training, before AutoAttack needs its own
         summary = write_summary(config, workdir, history, autoattack=spec.get("autoattack"),
                                 data=trainer.data, weights_changed=not trainer.finished_at_start)
         run.push(workdir / files.SUMMARY)
-    tune.report({"summary": summary, "pid": os.getpid()})
+    return summary
 
 
 class SweepProgress:
@@ -201,8 +245,11 @@ def make_searcher(params: list[dict[str, Any]], waiting: dict[str, Fork],
 def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str, str],
                   progress, watch: WaitWatch):
     """The driver's one writer: epoch rows to the curve store, summaries, trial states and
-    what pending trials wait for."""
+    what pending trials wait for. A trial that reports ``failed`` (see ablate_trial) is marked
+    errored with that line and stays so when its trainable then returns."""
     from ray import tune
+
+    failed: set[str] = set()
 
     class StoreCallback(tune.Callback):
         def _state(self, trial, state: str, trials) -> None:
@@ -230,8 +277,14 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
                 progress.epoch(key, result["row"])
             if "summary" in result:  # the worker wrote and pushed summary.json before this
                 run.rebuild_summaries()
+            if "failed" in result:
+                failed.add(key)
+                run.mark_errored(key, result["failed"] + "\n")
+                self._state(trial, "errored", trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if _key(trial) in failed:
+                return
             run.clear_error(_key(trial))
             self._state(trial, "done", trials)
 
@@ -504,7 +557,8 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
     """Ray for one ``ablate run``, shut down at the end: the cluster at ``address``, else the one
     in RAY_ADDRESS (which `ray job submit` sets), else a new Ray of this machine alone. Yields
     how to name a joined cluster in messages (None for the local Ray). A wrong address, a refused
-    token and no cluster at all are each one line (AblateError), in seconds (see _join).
+    token and no cluster at all are each one line (AblateError), in seconds (see _join). The
+    caller's SIGTERM handler stays in place.
     """
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; ours shows
@@ -518,10 +572,18 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # see _start_local
     import ray
 
-    if address:
-        _join(address, source)
-    else:
-        _start_local()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            _join(address, source)
+        else:
+            _start_local()
+    finally:
+        # ray.init replaces the SIGTERM handler: with its core worker's, which dumps a C++ stack
+        # and aborts the driver. Put back the caller's (cli.main's stops the command as Ctrl-C
+        # does); a SIGTERM during ray.init itself still meets Ray's.
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     try:
         yield f"the Ray cluster at {address}" if address else None
     finally:
@@ -537,9 +599,10 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
     joined, None for a local Ray); returns the final state of each trial.
 
     ``gpus_per_trial=None`` means one GPU per trial if the Ray cluster has GPUs, else none.
-    A trial no node can hold is one line (AblateError, see wait_for_capacity). Ctrl-C raises
-    KeyboardInterrupt here, with no trial marked. ``forks`` (see :mod:`ablation.fork`) start
-    trials from their baseline's checkpoint; None trains every trial from its first epoch.
+    A trial no node can hold is one line (AblateError, see wait_for_capacity). Ctrl-C (and
+    SIGTERM, under cli.main) raises KeyboardInterrupt here, with no trial marked. ``forks`` (see
+    :mod:`ablation.fork`) start trials from their baseline's checkpoint; None trains every trial
+    from its first epoch.
     """
     import ray
     from ray import tune

@@ -169,3 +169,30 @@ def test_trades_attack_l2_stays_put_where_the_gradient_is_exactly_zero(linear):
     start = 0.001 * torch.randn_like(x)
     out = trades_attack(model, x, ThreatModel("l2", 0.5, 0.1), steps=3, start=start)
     assert torch.equal(out, x + ((x + start).clamp(0, 1) - x))  # clipped, never moved, no NaN
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_starts_do_not_depend_on_the_memory_layout(norm):
+    # channels_last is a runtime field: samplers fill memory in order, so drawing straight into
+    # an NHWC tensor would give each (image, channel, pixel) another number.
+    x = torch.rand(4, 3, 5, 5)
+    threat = ThreatModel(norm, 0.1, 0.01)
+    torch.manual_seed(3)
+    plain = random_start(x, threat)
+    torch.manual_seed(3)
+    nhwc = random_start(x.contiguous(memory_format=torch.channels_last), threat)
+    assert torch.equal(nhwc, plain)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last), "the start keeps x's layout"
+
+
+def test_the_trades_start_does_not_depend_on_the_memory_layout():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(4))
+    x = torch.rand(4, 3, 6, 6)
+    threat = ThreatModel("linf", 0.1, 0.02)
+    model(x)
+    out = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(5)
+        out.append(trades_attack(model, x.contiguous(memory_format=layout), threat, 0))
+    assert torch.equal(out[0], out[1])

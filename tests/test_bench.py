@@ -141,7 +141,7 @@ def test_device_cuda_without_cuda_is_one_line_and_exit_2(capsys):
         main(["bench", "--device", "cuda", "--no-split"])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert err == "error: --device cuda: CUDA is not available here\n"
+    assert err == "error: --device: 'cuda' asked for, but CUDA is not available here\n"
 
 
 @pytest.mark.parametrize("args, message", [

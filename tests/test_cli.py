@@ -81,6 +81,28 @@ def test_sigkill_mid_run_then_the_same_command_gives_the_uninterrupted_curve(tmp
     assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
 
 
+def test_sigterm_mid_run_is_one_line_and_status_143_and_the_same_command_resumes(tmp_path):
+    trial = write(tmp_path / "t.yaml", tiny_trial(epochs=20))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ablation", "train", str(trial), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    curves = out / "curves.parquet"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not curves.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (143, "stopped by SIGTERM; run the same command again to "
+                                           "resume\n"), err[-3000:]
+    before = pd.read_parquet(curves)
+    assert 1 <= len(before) < 20, "stopped too late to test anything"
+    again = ablate("train", trial, "--out", out, "--quiet")
+    assert again.returncode == 0, again.stderr
+    after = pd.read_parquet(curves)
+    assert list(after.epoch) == list(range(20))
+    pd.testing.assert_frame_equal(after.iloc[:len(before)], before)  # resumed, not redone
+
+
 def test_autoattack_numbers_land_in_the_summary(tmp_path):
     trial = write(tmp_path / "t.yaml", tiny_trial(epochs=1))
     out = tmp_path / "out"

@@ -424,3 +424,11 @@ def test_sbatch_script_follows_the_project_rules():
     assert re.search(r'ablate run "\$sweep" --address "\$head_ip:\$port"', text)
     assert "--dependency=singleton" in text, "document the resumable chain"
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+", text, re.M)
+
+
+def test_the_image_has_a_c_compiler_for_tritons_kernels():
+    # `compile: true` on a GPU: Triton compiles a C launcher at first use; without gcc in the
+    # image every compiled trial fails there.
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"apt-get install[^\n]*\bgcc\b", text), "the image installs no gcc"
+    assert "shutil.which('gcc')" in text, "the build does not check that gcc is there"

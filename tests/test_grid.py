@@ -91,7 +91,7 @@ def test_overrides_win_and_svhn_files_spell_out_the_defaults():
             0.01, 1 / 255, 5, "preact18", 200)
         # Written out only to document them: the same config (and key) as the defaults give.
         plain = from_dict({"dataset": "svhn", "model": "preact18", "intervention": t.intervention,
-                           "layers": list(t.layers)})
+                           "layers": list(t.layers), "precision": "tf32"})
         assert plain.key == t.key
     l2 = load_sweep(SWEEPS / "svhn_l2.yaml").trials[0]
     assert (l2.lr_max, l2.step, l2.awp_warmup) == (0.01, 15 / 255, 0)

@@ -276,7 +276,7 @@ def test_eval_batch_size_changes_speed_not_results(tmp_path):
     trainer = Trainer(from_dict(tiny_trial(epochs=1)), tmp_path)
     out = []
     for bs in (16, 1000):
-        trainer.config = trainer.config.replace(test_batch_size=bs)
+        trainer.eval_batch = bs
         torch.manual_seed(2)
         out.append(trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 3))
     assert out[0] == pytest.approx(out[1], rel=1e-5, abs=1e-6)

@@ -193,3 +193,146 @@ def test_a_trial_resumes_across_compile(tmp_path, first, then):
     assert len(resumed.fit()) == 2
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert list(saved) == list(build_trial_model(cfg, resumed.data.info).state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime fields change speed, not what is computed: layout, evaluation batch, memory
+
+
+def assert_buffers_take_their_parameters_layout(trainer):
+    for name, p in trainer.model.named_parameters():
+        for key, value in trainer.optimizer.state[p].items():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert value.stride() == p.stride(), f"{name} {key}: {value.stride()} vs " \
+                                                     f"{p.stride()}"
+
+
+@pytest.mark.parametrize("first,then", [(False, True), (True, False)],
+                         ids=["to-channels-last", "to-contiguous"])
+def test_a_resume_with_another_layout_gives_the_buffers_the_parameters_layout(tmp_path, first,
+                                                                            then):
+    # CUDA's fused SGD refuses momentum buffers whose strides differ from their parameter's; the
+    # CPU's SGD accepts them, so the strides themselves are checked here (the GPU check runs it).
+    cfg = from_dict(tiny_trial(epochs=2, **FIX_LR))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg.replace(channels_last=first), tmp_path).fit(StopAfter(1))
+    resumed = Trainer(cfg.replace(channels_last=then), tmp_path)
+    assert resumed.epochs_done == 1
+    conv = resumed.model.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == then
+    assert_buffers_take_their_parameters_layout(resumed)
+    resumed.fit()
+
+
+def test_a_fork_with_another_layout_gives_the_buffers_the_parameters_layout(tmp_path):
+    from ablation.fork import Fork
+
+    base = tiny_trial(epochs=3, train_eval_size=32)
+    parent, child = from_dict(base), from_dict({**base, **FIX_LR, "channels_last": True})
+    run = tmp_path / "trials"
+    Trainer(parent, run / parent.key, fork_points=[1]).fit()
+    forked = Trainer(child, run / child.key, fork=Fork(parent.key, 1))
+    assert forked.forked_from == parent.key
+    assert_buffers_take_their_parameters_layout(forked)
+
+
+def test_channels_last_trains_on_channels_last_batches(tmp_path, monkeypatch):
+    # Augmentation's gather returns NCHW: without restoring the layout the model never saw NHWC.
+    trainer = Trainer(from_dict(tiny_trial(epochs=1, dataset="cifar10", channels_last=True)),
+                      tmp_path, data=_cifar_shaped())
+    step, seen = trainer.train_step, []
+    monkeypatch.setattr(trainer, "train_step",
+                        lambda epoch, x, y: seen.append(x) or step(epoch, x, y))
+    trainer.train_epoch(0, Reporter())
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+
+
+def _cifar_shaped(n=128):
+    from ablation.data import Data, dataset_info
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return Data(dataset_info("cifar10"), x, y, x[:32], y[:32])
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_attacks_run_with_frozen_weights_and_frozen_groups_stay_frozen(tmp_path, monkeypatch,
+                                                                        method):
+    # Attacks need d loss / d x only; weights that require no gradient keep a compiled graph from
+    # computing theirs. After the attack every trainable weight trains again, fix-param's frozen
+    # groups stay frozen.
+    cfg = from_dict(tiny_trial(epochs=1, method=method, intervention="fix_param", layers=[2]))
+    trainer = Trainer(cfg, tmp_path)
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("layer2.") for n in frozen)
+    attack, flags = trainer.method.attack, []
+
+    def spying(model, x, y):
+        flags.append({p.requires_grad for p in model.parameters()})
+        return attack(model, x, y)
+
+    monkeypatch.setattr(trainer.method, "attack", spying)
+    trainer.fit()
+    assert flags and all(f == {False} for f in flags)
+    assert {n for n, p in trainer.model.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_an_evaluation_batch_out_of_memory_is_halved_and_the_numbers_do_not_change(tmp_path,
+                                                                                   monkeypatch):
+    trainer = Trainer(from_dict(tiny_trial(epochs=1, test_batch_size=64)), tmp_path)
+    torch.manual_seed(2)
+    want = trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 3)
+    batch, sizes = trainer._attack_batch, []
+
+    def small_memory(x, y, steps, start):  # a GPU that holds 20 images
+        sizes.append(len(y))
+        if len(y) > 20:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB. "
+                                              "GPU 0 has a total capacity of 8 GiB of which 0 "
+                                              "bytes is free.")
+        return batch(x, y, steps, start)
+
+    monkeypatch.setattr(trainer, "_attack_batch", small_memory)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="evaluation batch 32 ran out of GPU memory; going on "
+                                         "with 16"):
+        got = trainer.attack_metrics(trainer.data.test_x, trainer.data.test_y, 3)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7)  # the random starts are drawn first
+    assert sizes[:3] == [64, 32, 16] and trainer.eval_batch == 16
+    assert sum(s for s in sizes if s <= 20) == len(trainer.data.test_y), "every image once"
+
+
+def test_a_training_step_out_of_memory_is_one_line_naming_the_trial_and_the_memory(tmp_path,
+                                                                                   monkeypatch):
+    from ablation.errors import OutOfMemory
+
+    trainer = Trainer(from_dict(tiny_trial(epochs=1)), tmp_path)
+
+    def too_big(epoch, x, y):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 15.7 "
+            "GiB of which 1.2 GiB is free. Including non-PyTorch memory, this process has ...")
+
+    monkeypatch.setattr(trainer, "train_step", too_big)
+    with pytest.raises(OutOfMemory) as err:
+        trainer.fit()
+    assert str(err.value) == (
+        f"trial {trainer.config.key}: out of GPU memory in a training step (preact_small, batch "
+        "64, fp32): Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 15.7 GiB of which "
+        "1.2 GiB is free; lower batch_size, or give each trial more of a GPU (--gpus-per-trial)")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("cuda", [[], [torch.zeros(16, dtype=torch.uint8)] * 8],
+                         ids=["cpu-writer", "eight-gpu-writer"])
+def test_checkpoints_with_the_old_per_gpu_rng_list_resume(tmp_path, cuda):
+    # Before 0.3 the RNG part held one CUDA state per visible GPU (an empty list on the CPU).
+    cfg = from_dict(tiny_trial(epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path).fit(StopAfter(1))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["rng"]["cuda"] is None  # a CPU trial saves no GPU generator now
+    state["rng"]["cuda"] = cuda
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert Trainer(cfg, tmp_path).epochs_done == 1

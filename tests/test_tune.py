@@ -1,6 +1,7 @@
 """The Ray driver of ``ablate run`` as the user meets it: a wrong address, a refused token, a
-cluster too small, a full disk, Ctrl-C, a second driver, and what a local Ray listens on. Each
-failure is one line with its exit status, in seconds; each interruption resumes."""
+cluster too small, a full disk, Ctrl-C and SIGTERM, a second driver, what a local Ray listens on,
+the device a trial is given, and failures that a retry cannot fix. Each failure is one line with
+its exit status, in seconds; each interruption resumes."""
 
 import json
 import os
@@ -15,6 +16,9 @@ import time
 
 import pandas as pd
 import pytest
+import torch
+import yaml
+from conftest import tiny_trial
 from test_sweep import TIMING, ablate, reference_curves, stored, write_sweep
 
 from ablation.errors import ConfigError
@@ -25,6 +29,7 @@ from ablation.tune import parse_address
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's token (RAY_AUTH_TOKEN)
 INTERRUPTED = "interrupted; run the same command again to resume"
+STOPPED = "stopped by SIGTERM; run the same command again to resume"
 
 
 def one_error_line(done, status):
@@ -272,19 +277,20 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_completes(tmp_path):
         subprocess.run(["umount", "-l", str(mount)])
 
 
-# --- D: Ctrl-C ----------------------------------------------------------------------------------
+# --- D: Ctrl-C and SIGTERM ---------------------------------------------------------------------
 
 
-def interrupt(sweep, run, ready):
-    """Start `ablate run`, send SIGINT to its process group (as a terminal's Ctrl-C does) once
-    ``ready()``, and return its exit status and what it printed after its plan line."""
+def interrupt(sweep, run, ready, signum=signal.SIGINT, group=True):
+    """Start `ablate run`, send ``signum`` once ``ready()`` to its process group (as a terminal's
+    Ctrl-C does) or to the driver alone (as `ray job stop` does where the driver joined a
+    cluster), and return its exit status and what it printed after its plan line."""
     proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
                              str(run), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)
+    (os.killpg if group else os.kill)(proc.pid, signum)
     sent = time.monotonic()
     _, err = proc.communicate(timeout=120)
     assert time.monotonic() - sent < 30
@@ -311,6 +317,51 @@ def test_ctrl_c_mid_epoch_then_the_same_command_resumes_to_the_uninterrupted_cur
     assert "interrupted" in ablate("status", run).stdout
     assert len(stored(run)) < 8, "the sweep finished before the interrupt"
     assert_the_same_command_completes_the_sweep(sweep, run, tmp_path)
+
+
+@pytest.mark.parametrize("group", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["driver", "group"])
+def test_sigterm_exits_143_with_one_line_then_the_same_command_resumes(tmp_path, group):
+    """SIGTERM after the first stored epoch: one line and 143, no stack dump of Ray's C++ handler
+    (its core worker's replaced ablate's when Ray started), no trial marked; the same command
+    then finishes every trial with each epoch stored once. Sent to the process group, it also
+    ends the local Ray's own processes under the driver (SLURM signals every process of a job
+    step)."""
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=4)
+    run = tmp_path / "run"
+    status, printed = interrupt(sweep, run, ready=lambda: (run / "curves").exists() and any(
+        (run / "curves").glob("*.parquet")) and len(stored(run)) >= 1, signum=signal.SIGTERM,
+                                group=group)
+    assert (status, printed) == (143, [STOPPED])  # no "*** SIGTERM received", no traceback
+    assert not list(run.glob("trials/*/error.txt"))
+    assert "interrupted" in ablate("status", run).stdout
+    assert len(stored(run)) < 8, "the sweep finished before the SIGTERM"
+    assert_the_same_command_completes_the_sweep(sweep, run, tmp_path)
+    assert not stored(run).duplicated(["key", "epoch"]).any()
+
+
+SIGTERM_AT_THE_PLAN = """
+import os, signal, sys
+from ablation import store
+from ablation.cli import main
+
+plan = store.plan
+
+def sigterm_then_plan(*args, **kwargs):  # the driver holds the folder's lock; Ray has not started
+    os.kill(os.getpid(), signal.SIGTERM)
+    return plan(*args, **kwargs)
+
+store.plan = sigterm_then_plan
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_before_ray_starts_is_the_same_line(tmp_path):
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AT_THE_PLAN, "run",
+                           str(write_sweep(tmp_path / "s.yaml")), "--storage",
+                           str(tmp_path / "run"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (143, STOPPED + "\n"), done.stderr[-3000:]
 
 
 # --- E: one driver per run folder -------------------------------------------------------------
@@ -442,3 +493,73 @@ def test_a_fork_whose_file_cannot_come_is_handed_out_to_train_from_scratch():
     searcher.suggest("t1")
     searcher.on_trial_complete("t1", error=True)
     assert searcher.suggest("t2")["trial"]["fork"] is None
+
+
+# --- G: where a trial trains, and failures that a retry cannot fix ------------------------------
+
+
+def test_a_trial_given_no_gpu_trains_on_the_cpu_and_one_that_asks_for_cuda_is_refused():
+    from ablation.tune import trial_device
+
+    assert trial_device("auto", []) == "cpu"  # Ray 2.60 leaves the GPUs visible to such a trial
+    assert trial_device("cpu", []) == trial_device("cpu", [0]) == "cpu"
+    assert trial_device("auto", [0]) == "auto"  # its own GPU, as cuda:0
+    assert trial_device("cuda", ["0"]) == "cuda"
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"key 'device': {device!r} asks for a GPU, but "
+                                              "Ray gave this trial none; pass --gpus-per-trial"):
+            trial_device(device, [])
+
+
+def status_states(run):
+    """Trial key -> state, from `ablate status`."""
+    lines = ablate("status", run).stdout.splitlines()[1:]
+    return {line.split()[0]: line.split()[1] for line in lines if line.startswith("synthetic-")}
+
+
+def test_failures_a_retry_cannot_fix_are_one_line_and_not_retried(tmp_path):
+    """A diverging trial (TrainingDiverged) and one asking for a GPU that Ray did not give it
+    (ConfigError) each fail once, with --max-failures 2, and error.txt holds one line naming
+    the trial; the trial beside them, device auto, trains on the CPU (no GPU was asked for)."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "fails", "base": tiny_trial(epochs=2),
+        "baselines": {"AUTO": {"intervention": "none", "device": "auto"},
+                      "BOOM": {"intervention": "none", "seed": 1, "lr_max": 1e12,
+                               "momentum": 0.0},
+                      "GPU": {"intervention": "none", "seed": 2, "device": "cuda"}}}))
+    run = tmp_path / "run"
+    done = ablate("run", sweep, "--storage", run, "--quiet", "--gpus-per-trial", 0)
+    line = one_error_line(done, 1)
+    assert re.fullmatch(r"error: 2 trial\(s\) did not finish \(e\.g\. \S+-s[12]-\w+\); see "
+                        r"\S+/trials/<key>/error\.txt, then run the same command again to "
+                        "resume them", line), line
+    keys = {config.seed: key for key, config in load_sweep(sweep).by_key.items()}
+    assert status_states(run) == {keys[0]: "done", keys[1]: "errored", keys[2]: "errored"}
+    errors = {seed: (run / "trials" / keys[seed] / "error.txt").read_text() for seed in (1, 2)}
+    assert re.fullmatch(rf"trial {keys[1]}: the training loss stopped being finite at epoch 0, "
+                        r"batch \d+ \(lr [^)]+\); lower lr_max or check the data, then train "
+                        r"it from scratch\n", errors[1]), errors[1]
+    assert errors[2] == (f"trial {keys[2]}: key 'device': 'cuda' asks for a GPU, but Ray gave "
+                         "this trial none; pass --gpus-per-trial (e.g. 1, or 0.5 to share one) or "
+                         "set device: auto\n")
+    attempts = {seed: (run / "trials" / keys[seed] / "attempts.log").read_text().splitlines()
+                for seed in (0, 1)}
+    assert len(attempts[1]) == 1, attempts[1]  # Tune did not retry it
+    assert attempts[0][0].endswith("starts at epoch 0, device cpu"), attempts[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU: the trial would train on it")
+def test_a_trial_given_a_gpu_keeps_its_device_field(tmp_path):
+    """The other half of the above, through Ray: a pretend GPU (Ray counts one, there is none)
+    given to the trial, which then asks torch for it (and is told CUDA is not available)."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "gpu", "base": tiny_trial(epochs=1, device="cuda"),
+                                     "grid": {"seed": [0]}}))
+    run = tmp_path / "run"
+    done = ablate("run", sweep, "--storage", run, "--quiet", "--gpus-per-trial", 1,
+                  env={"RAY_OVERRIDE_RESOURCES": json.dumps({"GPU": 1})})
+    assert "1 trial(s) did not finish" in one_error_line(done, 1)
+    (key,) = load_sweep(sweep).by_key
+    assert (run / "trials" / key / "error.txt").read_text() == (
+        f"trial {key}: key 'device': 'cuda' asked for, but CUDA is not available here\n")
