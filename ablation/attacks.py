@@ -8,20 +8,11 @@ AutoAttack alone puts the model in eval mode, as it requires, and restores the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """A norm ball of radius ``eps`` around each input, attacked with step size ``step``."""
-
-    norm: str  # "linf" or "l2"
-    eps: float
-    step: float
+from .config import ThreatModel
 
 
 def input_gradient(loss: Tensor, x: Tensor) -> Tensor:

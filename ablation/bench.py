@@ -14,8 +14,8 @@ The reference (``RiceStep``) is a transcription of the step in Rice et al.'s ``t
 that compares restarts, the training forward, backward and SGD step, and the clean logging forward
 in train mode with autograd on; float32 and eager whatever ``precision`` and ``compile`` the
 project's step uses, in the same float32 math mode (IEEE for fp32, TF32 for tf32 and bf16: the
-trainer sets it for the process). On CUDA the project's step also has the trainer's fused SGD; the reference keeps torch's
-default SGD. With ``compile`` the warm-up batches include the compile (the timed ones do not).
+trainer sets it for the process). On CUDA the project's step also has the trainer's fused SGD;
+the reference keeps torch's default SGD. With ``compile`` the warm-up batches include the compile (the timed ones do not).
 
 The per-epoch split runs the real ``Trainer.fit`` for one small epoch (train, evaluation,
 checkpoint) and times the clean logging forward apart; on CUDA the report adds the FLOPs of one
@@ -27,7 +27,6 @@ one process each. Library code reports progress only through the ``echo`` it is 
 from __future__ import annotations
 
 import gc
-import math
 import multiprocessing
 import os
 import platform
@@ -45,15 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TrialConfig, from_dict
-from .layers import LAYER_WISE
-from .data import Data, augment, dataset_info
+from .strategies import INTERVENTIONS, layer_wise
+from .data import Data, augment
+from .datasets import dataset_info
 from .device import resolve_device, tf32_enabled
 from .errors import TrainingDiverged
 from .models import build_model
 from .trainer import Reporter, Trainer
 
 DATASET = "cifar10"  # the shapes, classes and mean/std of the benchmark's random images
-DEFAULT_INTERVENTIONS = ("none", "fix_lr", "fix_param", "awp", "awp_full")
+DEFAULT_INTERVENTIONS = tuple(INTERVENTIONS)  # every described intervention
 DEFAULT_LAYERS = (3, 4)
 SPLIT_PARTS = ("train", "logging_forward", "evaluation", "checkpoint")
 CIFAR_EPOCH = {"train": 50_000, "train_eval": 10_000, "test": 10_000}  # images per real epoch
@@ -195,7 +195,7 @@ def trial_config(opts: BenchOptions, intervention: str, device: torch.device,
     return from_dict({
         "dataset": DATASET, "model": opts.model, "width": opts.width, "blocks": opts.blocks,
         "intervention": intervention,
-        "layers": list(opts.layers) if intervention in LAYER_WISE else [],
+        "layers": list(opts.layers) if intervention in layer_wise() else [],
         "batch_size": opts.batch_size, "train_steps": opts.train_steps,
         "test_steps": opts.test_steps, "precision": opts.precision, "compile": opts.compile,
         "device": str(device), "seed": opts.seed, "train_eval_size": 0, **changes},
@@ -209,7 +209,7 @@ def project_step(trainer: Trainer) -> Callable[[Tensor, Tensor], None]:
     setting. The finite-loss check is ``train_epoch``'s, with its one synchronisation per batch.
     """
     def step(images: Tensor, labels: Tensor) -> None:
-        x = trainer._batch(images, augmented=True)
+        x = trainer.batch(images, augmented=True)
         loss, _, _ = trainer.train_step(0, x, labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"bench: the project's training loss became {loss.item()}")
@@ -394,12 +394,12 @@ def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
         runs["checkpoint"].append(max(0.0, epoch - train - evaluation))
     # The clean logging forward alone, as train_step runs it, on augmented batches.
     model = trainer.model
-    xs = [trainer._batch(x, augmented=True) for x, _ in _batches(data, opts.batch_size, n_batches)]
+    xs = [trainer.batch(x, augmented=True) for x, _ in _batches(data, opts.batch_size, n_batches)]
     model.train(config.log_pass_mode == "train")
     for _ in range(measured):
         _sync(device)
         start = time.perf_counter()
-        with torch.no_grad(), trainer._autocast():
+        with torch.no_grad(), trainer.autocast():
             for x in xs:
                 model(x)
         _sync(device)
@@ -568,87 +568,3 @@ def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str
         return result
     finally:
         torch.set_num_threads(threads_before)
-
-
-# ----------------------------------------------------------------------------------------------
-# The report
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:{spec}}{suffix}"
-
-
-def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def format_report(result: dict[str, Any]) -> list[str]:
-    """The stdout tables: one row per intervention, then the split and the trials per GPU."""
-    env, opts = result["environment"], result["options"]
-    cuda = env["device"].startswith("cuda")
-    lines = [
-        f"ablate bench: {opts['model']}, batch {opts['batch_size']}, PGD-{opts['train_steps']}, "
-        f"random images of CIFAR-10's shape",
-        f"device {env['device_name']} ({env['device']}), torch {env['torch']}, precision "
-        f"{opts['precision']} (reference fp32), "
-        f"{'compiled' if opts.get('compile') else 'eager'} (reference eager), "
-        f"{env['threads']} thread(s)",
-        f"timing: {opts['repeats']} interleaved repeats x {opts['batches']} batches per loop "
-        f"after {opts['warmup']} warm-up batches; img/s from the median batch time; ratio = "
-        f"project img/s / reference img/s",
-        ""]
-    head = f"{'intervention':<12} {'project img/s':>13} {'reference img/s':>15} " \
-           f"{'ratio (median)':>14} {'ratio (min)':>11} {'GFLOP/img':>9}"
-    kinds = [opts["precision"]]
-    if cuda:
-        head += "".join(f" {'MFU ' + k:>9}" for k in kinds) + f" {'peak mem':>10}"
-    lines.append(head)
-    for row in result["interventions"]:
-        line = (f"{row['intervention']:<12} {row['project']['images_per_s']:>13.1f} "
-                f"{row['reference']['images_per_s']:>15.1f} {row['ratio_median']:>13.2f}x "
-                f"{row['ratio_min']:>10.2f}x "
-                f"{row['flops_per_step'] / opts['batch_size'] / 1e9:>9.3g}")
-        if cuda:
-            line += "".join(f" {_fmt(row.get(f'mfu_{k}'), '.1%'):>9}" for k in kinds)
-            line += f" {_gib(row['peak_memory_bytes']):>10}"
-        lines.append(line)
-    ref = result["reference"]
-    lines.append(f"reference: {ref['flops_per_step'] / opts['batch_size'] / 1e9:.3g} GFLOP/img"
-                 + (f", peak mem {_gib(ref['peak_memory_bytes'])}" if cuda else ""))
-    if cuda:
-        used = {k: peak_flops(env["device_name"], k) for k in kinds}
-        lines.append("MFU peaks (dense, datasheet): " + ", ".join(
-            f"{k} {_fmt(v and v / 1e12, '.1f', ' TFLOP/s')}" for k, v in used.items()))
-    split = result.get("split")
-    if split:
-        lines += ["", f"per-epoch split ({split['intervention']}, median of "
-                      f"{split['epochs_measured']} epoch(s)): {split['train_images']} train "
-                      f"images, PGD-{opts['train_steps']} on {split['train_eval_images']} "
-                      f"train-eval and PGD-{split['test_steps']} on {split['test_images']} test "
-                      f"images; CIFAR-10 column scaled linearly to 50k/10k/10k",
-                  f"{'part':<16} {'seconds':>9} {'share':>7} {'img/s':>9} {'CIFAR-10 epoch s':>16}"]
-        for part in SPLIT_PARTS:
-            seconds = split["seconds"][part]
-            rate = split["images_per_s"].get(part)
-            name = "  logging fwd" if part == "logging_forward" else part
-            lines.append(f"{name:<16} {seconds:>9.3f} {split['share_of_epoch'][part]:>7.1%} "
-                         f"{_fmt(rate, '.1f'):>9} {split['cifar10_epoch_seconds'][part]:>16.1f}")
-        lines.append(f"{'epoch':<16} {split['epoch_seconds']:>9.3f}   (logging fwd is part of "
-                     f"train)")
-    trials = result.get("trials_per_gpu")
-    if trials:
-        lines += ["", f"trials per GPU ({result['interventions'][0]['intervention']}, "
-                      f"{opts['batches'] * opts['repeats']} batches each)",
-                  f"{'trials':>6} {'img/s total':>11} {'img/s per trial':>15} {'scaling':>8} "
-                  f"{'peak mem':>10}"]
-        for row in trials:
-            if "error" in row:
-                lines.append(f"{row['trials']:>6} failed: {row['error']}")
-                continue
-            per = statistics.median(row["per_trial_images_per_s"])
-            lines.append(f"{row['trials']:>6} {row['images_per_s']:>11.1f} {per:>15.1f} "
-                         f"{_fmt(row.get('scaling_vs_one'), '.2f', 'x'):>8} "
-                         f"{_gib(row['peak_memory_bytes']):>10}")
-    lines += [""] + [f"note: {n}" for n in result["notes"]]
-    return lines

@@ -89,7 +89,7 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
 
 
 @cli.command()
-@click.argument("sweep", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--storage", default=None, metavar="DIR|URI",
               help="Run folder (default: runs/<sweep name>): a local or shared (NFS) folder, "
                    "or a URI such as s3://bucket/runs/name (worked on through a local mirror "
@@ -125,7 +125,7 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
               help="With --dry-run: estimate GPU-hours at the speed measured by `ablate bench "
                    "--json FILE` on your GPU (default: the H200 measurement in BENCHMARKS.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: float,
+def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_trial: float,
         gpus_per_trial: float | None, max_concurrent: int | None, max_failures: int,
         restart_errored: bool, no_fork: bool, dry_run: bool, bench_json: Path | None,
         quiet: bool) -> None:
@@ -134,63 +134,52 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
     Finished trials are not rerun, interrupted ones continue from their last epoch, errored ones
     are retried, and trials added to the file since are run too.
     """
-    from .fork import epochs_to_train, plan_forks
+    from .fork import plan_forks
     from .grid import load_sweep
 
-    spec = load_sweep(sweep)
-    forks = {} if no_fork else plan_forks(spec.trials)
+    sweep = load_sweep(sweep_file)
+    forks = {} if no_fork else plan_forks(sweep.trials)
     if bench_json and not dry_run:
         raise ConfigError("--bench estimates the cost of a sweep; use it with --dry-run")
     if dry_run:
-        from .cost import default_rate, gpu_hours, rate_from_bench
+        from .cost import dry_run_lines  # torch loads there, after a bad --bench is said
 
-        rate = rate_from_bench(bench_json) if bench_json else None  # a bad file: said first
-        for i, config in enumerate(spec.trials):
-            fork = forks.get(config.key)
-            starts = f", the first {fork.epochs} from {fork.parent}" if fork else ""
-            click.echo(f"{i:4d}  {config.key}  ({config.epochs} epochs{starts})")
-        click.echo(f"{len(spec.trials)} trials, {spec.total_epochs:,} epochs in total; "
-                   f"{epochs_to_train(spec.trials, forks):,} to train "
-                   + (f"with {len(forks)} trials forked from their baselines (--no-fork: "
-                      f"{spec.total_epochs:,})" if forks else "(no trial forks)"))
-        rate = rate or default_rate()  # torch loads here
-        hours = gpu_hours(spec.trials, forks, rate)
-        amount = f"about {hours:,.0f}" if hours >= 10 else f"about {hours:.1f}" \
-            if hours >= 0.1 else "under 0.1"
-        click.echo(f"{amount} GPU-hours on {rate.source}"
-                   "; an estimate from each trial's FLOPs at that measured speed (see "
-                   "docs/method.md D.2)")
+        for line in dry_run_lines(sweep, forks, bench_json):
+            click.echo(line)
         return
-    for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in spec.trials):
+    for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in sweep.trials):
         check_data(*place)  # here, before Ray starts and every trial fails the same way
+    from . import files
+    from .cluster import parse_address, ray_cluster
     from .store import DriverLock, RunDir, plan
-    from .tune import SweepProgress, parse_address, ray_cluster, run_sweep  # torch loads here
+    from .tune import SweepProgress, run_sweep  # torch loads here
 
     if address:
         parse_address(address)  # a malformed --address fails before the folder is touched
-    folder = RunDir.attach(storage or Path("runs") / spec.name)
+    folder = RunDir.attach(storage or Path("runs") / sweep.name)
     try:
         with DriverLock(folder):  # refuses a second driver before it changes anything
             folder.pull()
-            todo = plan(folder, spec, restart_errored)
-            plan_line = (f"{spec.name}: {len(spec.trials)} trials, {len(spec.trials) - len(todo)}"
-                         f" done, {len(todo)} to run; folder {folder.location}")
+            todo = plan(folder, sweep, restart_errored)
+            plan_line = (f"{sweep.name}: {len(sweep.trials)} trials, "
+                         f"{len(sweep.trials) - len(todo)} done, {len(todo)} to run; folder "
+                         f"{folder.location}")
             if not todo:
                 click.echo(plan_line, err=True)
                 return
             with ray_cluster(address) as cluster:  # a wrong address is one line, said first
-                if spec.description:
-                    click.echo(" ".join(spec.description.split()), err=True)
+                if sweep.description:
+                    click.echo(" ".join(sweep.description.split()), err=True)
                 click.echo(plan_line, err=True)
-                stored = {(k, int(e)) for k in spec.by_key
+                stored = {(k, int(e)) for k in sweep.by_key
                           for e in folder.curves(k).get("epoch", [])}
-                progress = SweepProgress(spec.total_epochs, stored, quiet)
+                progress = SweepProgress(sweep.total_epochs, stored, quiet)
                 try:
                     states = run_sweep(folder, todo, cluster=cluster,
                                        cpus_per_trial=cpus_per_trial,
                                        gpus_per_trial=gpus_per_trial,
                                        max_concurrent=max_concurrent, max_failures=max_failures,
-                                       autoattack=spec.autoattack, progress=progress,
+                                       autoattack=sweep.autoattack, progress=progress,
                                        forks=forks,
                                        echo=lambda m: click.echo(m, err=True))
                 finally:
@@ -204,12 +193,13 @@ def run(sweep: Path, storage: str | None, address: str | None, cpus_per_trial: f
     unfinished = [k for k, s in states.items() if s != "done"]
     if unfinished:
         errored = [k for k in unfinished if states[k] == "errored"]
-        see = f"see {folder.where('trials/<key>/error.txt')}, then " if errored else ""
+        see = (f"see {folder.where(files.trial_file('<key>', files.ERROR))}, then "
+               if errored else "")
         raise RunFailed(f"{len(unfinished)} trial(s) did not finish (e.g. "
                         f"{(errored or unfinished)[0]}); {see}run the same command again to "
                         "resume them")
-    click.echo(f"{spec.name}: all {len(spec.trials)} trials done; curves in "
-               f"{folder.where('curves')}")
+    click.echo(f"{sweep.name}: all {len(sweep.trials)} trials done; curves in "
+               f"{folder.where(files.CURVES_DIR)}")
 
 
 def _folder_failure(folder: Any, err: OSError) -> RunFailed:
@@ -375,7 +365,7 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
     Safe to run on every node at once, on a shared or a local folder: a lock file makes one
     process download while the others wait, then each verifies.
     """
-    from .data import fetch_data, verify_data  # torch loads here
+    from .datafiles import fetch_data, verify_data  # torchvision loads here
 
     files = verify_data(dataset, root) if verify_only else fetch_data(dataset, root)
     click.echo(f"{dataset}: {len(files)} files verified in {Path(root).expanduser().resolve()}")
@@ -394,7 +384,7 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
               help="The project's step; the reference loop stays float32, in the same math mode "
                    "(IEEE for fp32, TF32 for tf32 and bf16).")
 @click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
-              help="Repeatable (default: all five).")
+              help="Repeatable (default: every one).")
 @click.option("--layers", default="3,4", show_default=True,
               help="Layer groups of the layer-wise interventions.")
 @click.option("--train-steps", type=click.IntRange(min=1), default=10, show_default=True,
@@ -443,7 +433,8 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
     if any(k < 1 for k in counts):
         raise ConfigError(f"--trials-per-gpu {quote(trials_per_gpu)}: expected comma-separated "
                           "counts >= 1, e.g. 1,2,4, or none")
-    from .bench import DEFAULT_INTERVENTIONS, BenchOptions, format_report, run_bench
+    from .bench import DEFAULT_INTERVENTIONS, BenchOptions, run_bench
+    from .bench_report import format_report
     from .io import save_json  # torch loads here, so --help and option errors stay fast
 
     opts = BenchOptions(
@@ -466,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     one line each (every command resumes where it stopped)."""
     global _sigterm_received
     _sigterm_received = False
-    # For the whole command; tune.ray_cluster puts it back after ray.init, which replaces it.
+    # For the whole command; cluster.ray_cluster puts it back after ray.init, which replaces it.
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         cli.main(args=argv, prog_name="ablate", standalone_mode=False)

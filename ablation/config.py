@@ -19,14 +19,15 @@ from typing import Any
 import yaml
 
 from . import layers as layer_groups
+from . import strategies
+from .datasets import DATASETS as dataset_table
 from .errors import ConfigError, quote
-from .layers import LAYER_WISE
 
-DATASETS = ("cifar10", "cifar100", "svhn", "digits", "synthetic")
+DATASETS = tuple(dataset_table)
 MODELS = ("preact18", "preact34", "wrn34_10", "vgg16", "dpn26", "dla", "preact_small")
-METHODS = ("at", "trades")
+METHODS = tuple(strategies.METHODS)
 THREATS = ("linf", "l2")
-INTERVENTIONS = ("none", *LAYER_WISE, "awp_full")
+INTERVENTIONS = tuple(strategies.INTERVENTIONS)
 # fp32: IEEE float32 throughout (no TF32 tensor-core math); tf32: float32 tensors, convolutions
 # and matmuls in TF32 on GPUs that have it (Ampere and newer; elsewhere the same as fp32); bf16:
 # autocast to bfloat16 (GPUs of compute capability 8.0 and newer); fp64: float64 throughout, for
@@ -41,6 +42,15 @@ MODEL_MODES = ("train", "eval")
 # image; channels_last only changes the memory layout and compile only how the forward is run
 # (all three: equal up to float rounding; the random draws are the same, docs/method.md C.1).
 RUNTIME_FIELDS = ("data_root", "download", "device", "test_batch_size", "channels_last", "compile")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A norm ball of radius ``eps`` around each input, attacked with step size ``step``."""
+
+    norm: str  # "linf" or "l2"
+    eps: float
+    step: float
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class TrialConfig:
     awp_warmup: int | None = None  # 0; SVHN Linf AT: 5; TRADES and VGG-16: 10 (A.5)
     epochs: int = 200
     batch_size: int = 128
-    test_batch_size: int | None = None  # eval-mode batches; None: 128 on the CPU, from free memory on a GPU
+    test_batch_size: int | None = None  # eval batches; None: 128 on a CPU, from a GPU's free memory
     lr_max: float | None = None  # 0.1; SVHN 0.01 (A.2)
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the run where the LR drops x0.1
     lr_update: str | None = None  # AT: every iteration (A.2); TRADES: per epoch, as its code does
@@ -98,6 +108,11 @@ class TrialConfig:
         digest = hashlib.sha256(
             json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return "-".join([*parts, f"s{self.seed}", digest])
+
+    @property
+    def threat_model(self) -> ThreatModel:
+        """The trial's threat model: its training attack's, and the per-epoch evaluation's."""
+        return ThreatModel(self.threat, self.eps, self.step)
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine what is computed (all but where and on what it runs)."""
@@ -312,9 +327,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _validate(c: TrialConfig) -> None:
     _choice("dataset", c.dataset, DATASETS)
     _choice("model", c.model, MODELS)
-    _choice("method", c.method, METHODS)
+    _choice("method", c.method, tuple(strategies.METHODS))
     _choice("threat", c.threat, THREATS)
-    _choice("intervention", c.intervention, INTERVENTIONS)
+    _choice("intervention", c.intervention, tuple(strategies.INTERVENTIONS))  # live: extensible
     _choice("precision", c.precision, PRECISIONS)
     _choice("lr_update", c.lr_update, LR_UPDATES)
     _choice("train_attack_mode", c.train_attack_mode, MODEL_MODES)
@@ -322,7 +337,7 @@ def _validate(c: TrialConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device):
         raise ConfigError(f"key 'device': {quote(c.device)} is not one of auto, cpu, cuda, cuda:N, "
                           "mps")
-    if c.intervention in LAYER_WISE:
+    if strategies.intervention(c.intervention).layer_wise:
         if not c.layers:
             raise ConfigError(f"key 'layers': intervention {c.intervention!r} needs a non-empty "
                               f"subset of {list(layer_groups.GROUPS)}")

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from .config import TrialConfig
 from .errors import ConfigError
-from .fork import TRAIN_IMAGES, Fork
+from . import strategies
+from .datasets import dataset_info
+from .fork import Fork, epochs_to_train
+from .grid import Sweep
 
-TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "svhn": 26_032, "digits": 360,
-               "synthetic": 256}
 # BENCHMARKS.md, "GPU": ablate bench run B on an NVIDIA H200 (torch 2.11, float32 with TF32
-# convolutions, which torch then did by default: `precision: tf32` now), projected to a full CIFAR-10 epoch: 24.6 s training + 10.8 s evaluation + 0.2 s
-# checkpoint, for the default PreAct ResNet-18 PGD-10 AT trial.
+# convolutions, which torch then did by default: `precision: tf32` now), projected to a full
+# CIFAR-10 epoch: 24.6 s training + 10.8 s evaluation + 0.2 s checkpoint, for the default PreAct
+# ResNet-18 PGD-10 AT trial.
 REFERENCE_EPOCH_S = 36.0
 REFERENCE = TrialConfig()  # the trial that epoch time was measured for
 REFERENCE_NAME = ("one NVIDIA H200, tf32 (BENCHMARKS.md: 36 s per PreAct-18 CIFAR-10 AT epoch "
@@ -58,8 +60,7 @@ def _forward_flops(model: str, width: int, blocks: int, dataset: str, normalize:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from .data import dataset_info
-        from .trainer import build_trial_model
+        from .models import build_trial_model
 
         info = dataset_info(dataset)
         config = TrialConfig(model=model, width=width, blocks=blocks, dataset=dataset,
@@ -76,18 +77,14 @@ def _forward_flops(model: str, width: int, blocks: int, dataset: str, normalize:
 def passes_per_epoch(config: TrialConfig) -> float:
     """One epoch of the trial in single-image forward passes (F), as the module docstring
     counts them: training, the logging forward, and the per-epoch evaluation."""
-    n_train = TRAIN_IMAGES[config.dataset]
-    attack = 2 * config.train_steps
-    if config.method == "at":
-        step = attack + (1 if config.train_attack_mode == "train" else 0) + 3
-    else:  # TRADES: a clean forward for the KL target, then three passes and their backward
-        step = 1 + attack + 3 * 3
-    if config.intervention in ("awp", "awp_full"):
-        step += 3  # the proxy's forward and backward (active for all but the warm-up)
-    step += 1  # the logging forward
+    info = dataset_info(config.dataset)
+    n_train = info.train_images
+    step = (strategies.method(config.method).passes(config)
+            + strategies.intervention(config.intervention).extra_passes
+            + 1)  # the logging forward
     n_eval = min(config.train_eval_size, n_train)
     evaluation = (n_eval * (2 * config.train_steps + 2)
-                  + TEST_IMAGES[config.dataset] * (2 * config.test_steps + 2))
+                  + info.test_images * (2 * config.test_steps + 2))
     return n_train * step + evaluation
 
 
@@ -115,6 +112,28 @@ def rate_from_bench(path: Path) -> Rate:
     if not flops or not seconds:
         raise ConfigError(f"--bench {path}: its 'none' entry has no FLOP count or time")
     return Rate(flops / seconds, f"{device} {precision}, measured by ablate bench ({path})")
+
+
+def dry_run_lines(sweep: Sweep, forks: dict[str, Fork], bench: Path | None = None) -> list[str]:
+    """What ``ablate run --dry-run`` prints: each trial with the epochs it trains (and where a
+    fork starts it), the sweep's epochs with and without forking, and the GPU-hours at the
+    measured rate (``bench``: an ``ablate bench --json`` file; default the H200 measurement)."""
+    rate = rate_from_bench(bench) if bench else default_rate()
+    lines = []
+    for i, config in enumerate(sweep.trials):
+        fork = forks.get(config.key)
+        starts = f", the first {fork.epochs} from {fork.parent}" if fork else ""
+        lines.append(f"{i:4d}  {config.key}  ({config.epochs} epochs{starts})")
+    lines.append(f"{len(sweep.trials)} trials, {sweep.total_epochs:,} epochs in total; "
+                 f"{epochs_to_train(sweep.trials, forks):,} to train "
+                 + (f"with {len(forks)} trials forked from their baselines (--no-fork: "
+                    f"{sweep.total_epochs:,})" if forks else "(no trial forks)"))
+    hours = gpu_hours(sweep.trials, forks, rate)
+    amount = f"about {hours:,.0f}" if hours >= 10 else f"about {hours:.1f}" \
+        if hours >= 0.1 else "under 0.1"
+    lines.append(f"{amount} GPU-hours on {rate.source}; an estimate from each trial's FLOPs at "
+                 "that measured speed (see docs/method.md D.2)")
+    return lines
 
 
 def gpu_hours(trials: Iterable[TrialConfig], forks: dict[str, Fork], rate: Rate) -> float:

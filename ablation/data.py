@@ -19,21 +19,9 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets as tvd
 
-from .config import DATASETS
-from .datafiles import LAYOUTS, check_data, expected_files, missing_path
-from .errors import ConfigError, DataError, quote
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a dataset; ``mean``/``std`` are per channel in [0, 1] pixel units."""
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
+from .datafiles import LAYOUTS, check_data, download_files, expected_files, missing_path
+from .datasets import DatasetInfo, dataset_info
+from .errors import DataError, one_line, quote
 
 
 @dataclass
@@ -50,27 +38,6 @@ class Data:
         """A copy with the four tensors on ``device``."""
         return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
                        test_x=self.test_x.to(device), test_y=self.test_y.to(device))
-
-
-# Normalisation constants from docs/method.md B §1.2; digits and synthetic get theirs from the
-# training images in load_data, so dataset_info (which does no I/O) leaves them None.
-_INFO = {
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
-                           (0.2471, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32,
-                            (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
-                            (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)),
-    "svhn": DatasetInfo("svhn", 10, 3, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "digits": DatasetInfo("digits", 10, 1, 8, None, None),
-    "synthetic": DatasetInfo("synthetic", 10, 3, 8, None, None),
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """Static facts about dataset ``name`` (no I/O); ConfigError for an unknown name."""
-    if name not in _INFO:
-        raise ConfigError(f"unknown dataset {name!r} (choose one of {', '.join(DATASETS)})")
-    return _INFO[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,11 +79,6 @@ class _CifarUnpickler(pickle.Unpickler):
         return _CIFAR_GLOBALS[module, name]
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())[:200] or type(err).__name__
-    return f"{type(err).__name__}: {text}"
-
-
 def _unpickle_cifar(name: str, path: Path) -> dict:
     """One CIFAR pickle as a dict with str keys (latin1, as torchvision reads them)."""
     try:
@@ -126,7 +88,7 @@ def _unpickle_cifar(name: str, path: Path) -> dict:
         raise DataError(f"{name}: refusing {path}: it calls {quote(str(err))}, which no CIFAR "
                         "file does (put the official file there)") from None
     except Exception as err:  # a foreign file fails in any of pickle's many ways: one line
-        raise DataError(f"{name}: cannot read {path} ({_one_line(err)})") from err
+        raise DataError(f"{name}: cannot read {path} ({one_line(err)})") from err
     if not isinstance(entry, dict):
         raise DataError(f"{name}: {path} holds a {type(entry).__name__}, not a CIFAR dict "
                         "(put the official file there)")
@@ -153,13 +115,7 @@ def _read_cifar_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_cifar(name: str, root: Path, download: bool) -> tuple[np.ndarray, ...]:
     if download and missing_path(name, root) is not None:
-        source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        try:  # torchvision checks the archive's md5
-            tvd.utils.download_and_extract_archive(source.url, str(root),
-                                                   filename=source.filename, md5=source.tgz_md5)
-        except Exception as err:  # network, disk and archive errors alike: one line
-            raise DataError(f"{name}: download into {root} failed ({_one_line(err)}); put the "
-                            f"extracted dataset at {missing_path(name, root)} instead") from err
+        download_files(name, root)
     check_data(name, root, download=False)
     layout = LAYOUTS[name]
     folder = root / layout.folder
@@ -186,11 +142,6 @@ class _SVHN(tvd.SVHN):
     def _check_integrity(self) -> bool:
         return os.path.isfile(os.path.join(self.root, self.filename))
 
-    def download(self) -> None:
-        # The base class re-downloads whenever the md5 differs; keep files that are present.
-        if not self._check_integrity():
-            super().download()
-
 
 def _svhn_culprit(root: Path) -> Path:
     """Which file made a load fail: the first that does not read as the format expects."""
@@ -209,15 +160,13 @@ def _svhn_culprit(root: Path) -> Path:
 
 
 def _load_svhn(root: Path, download: bool) -> tuple[np.ndarray, ...]:
-    check_data("svhn", root, download)
+    if download and missing_path("svhn", root) is not None:
+        download_files("svhn", root)
+    check_data("svhn", root, download=False)
     try:
-        splits = [_SVHN(str(root), split=s, download=download) for s in ("train", "test")]
-    except Exception as err:  # scipy's, torchvision's and the network's errors alike: one line
-        missing = missing_path("svhn", root)
-        if missing is not None:  # the download itself failed
-            raise DataError(f"svhn: download into {root} failed ({_one_line(err)}); "
-                            f"put the .mat files at {missing} instead") from err
-        raise DataError(f"svhn: cannot read {_svhn_culprit(root)} ({_one_line(err)})") from err
+        splits = [_SVHN(str(root), split=s) for s in ("train", "test")]
+    except Exception as err:  # scipy's and torchvision's errors alike: one line
+        raise DataError(f"svhn: cannot read {_svhn_culprit(root)} ({one_line(err)})") from err
     (train_x, train_y), (test_x, test_y) = [(s.data, s.labels) for s in splits]  # N, C, H, W
     return (np.ascontiguousarray(train_x), np.asarray(train_y, dtype=np.int64),  # 10 -> 0 done
             np.ascontiguousarray(test_x), np.asarray(test_y, dtype=np.int64))
@@ -345,67 +294,3 @@ def augment(x: torch.Tensor, dataset: str) -> torch.Tensor:
         angles = (torch.rand(x.shape[0], device=x.device) * 2.0 - 1.0) * _ROTATION_DEG
         return rotate(x, angles)
     return x
-
-
-# --------------------------------------------------------------------------------------------
-# `ablate data`: fetch a dataset where the machine has internet, and verify it by checksum.
-
-
-def official_md5(name: str) -> dict[str, str]:
-    """File name (relative to the data root) -> md5 of the official release, from torchvision's
-    tables (the same sums its downloads check)."""
-    if name == "svhn":
-        return {tvd.SVHN.split_list[s][1]: tvd.SVHN.split_list[s][2] for s in ("train", "test")}
-    source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    files = [*source.train_list, *source.test_list, (source.meta["filename"], source.meta["md5"])]
-    return {f"{source.base_folder}/{f}": md5 for f, md5 in files}
-
-
-def verify_data(name: str, root: str | Path) -> list[Path]:
-    """Every file of dataset ``name`` under ``root``, checked against the official md5 sums;
-    DataError naming the first file that is missing or differs."""
-    root = Path(root).expanduser().resolve()
-    checked = []
-    for rel, md5 in official_md5(name).items():
-        path = root / rel
-        if not path.is_file():
-            raise DataError(f"{name}: {path} is missing (run `ablate data {name} --root {root}` "
-                            "where there is internet, or copy the dataset there)")
-        if not tvd.utils.check_md5(str(path), md5):
-            raise DataError(f"{name}: {path} is not the official file (its md5 differs from "
-                            f"{md5}); delete it and run `ablate data {name} --root {root}` again")
-        checked.append(path)
-    return checked
-
-
-def fetch_data(name: str, root: str | Path) -> list[Path]:
-    """Download dataset ``name`` into ``root`` unless it is there, then verify every file.
-
-    Held under a lock file in ``root``, so the nodes of a cluster that share the folder, or each
-    node downloading to its own disk, never write one file twice at once."""
-    import fcntl
-
-    root = Path(root).expanduser().resolve()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".ablate-download.lock", "w")
-    except OSError as err:
-        raise DataError(f"{name}: cannot write in {root} ({err.strerror}); choose another "
-                        "--root") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if missing_path(name, root) is not None:
-            try:
-                if name == "svhn":
-                    for split in ("train", "test"):
-                        url, filename, md5 = tvd.SVHN.split_list[split]
-                        if not (root / filename).is_file():
-                            tvd.utils.download_url(url, str(root), filename, md5)
-                else:
-                    source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-                    tvd.utils.download_and_extract_archive(
-                        source.url, str(root), filename=source.filename, md5=source.tgz_md5)
-            except Exception as err:  # network, disk and archive errors alike: one line
-                raise DataError(f"{name}: download into {root} failed ({_one_line(err)})") \
-                    from err
-        return verify_data(name, root)

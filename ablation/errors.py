@@ -18,6 +18,12 @@ def quote(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def one_line(err: BaseException) -> str:
+    """A foreign library's exception as ``Type: message`` on one line of at most ~200 chars."""
+    text = " ".join(str(err).split())[:200] or type(err).__name__
+    return f"{type(err).__name__}: {text}"
+
+
 class AblateError(Exception):
     """Bad input (config, data, run folder). The message is one line naming the thing at fault."""
 

@@ -13,14 +13,15 @@ from typing import Any, Callable
 
 
 from . import files
-from .attacks import ThreatModel, autoattack_accuracy
+from .attacks import autoattack_accuracy
 from .config import TrialConfig
 from .curves import best_last
 from .data import Data, load_data
-from .io import load_json, load_torch, save_json
+from .checkpoint import load_best, load_torch
+from .io import load_json, save_json
 from .provenance import provenance
 from .device import eval_batch_size, resolve_device
-from .trainer import build_trial_model, load_best
+from .models import build_trial_model
 
 AUTOATTACK_CPU_BATCH = 250  # AutoAttack's own default batch
 
@@ -69,7 +70,7 @@ def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data,
     torch.backends.cudnn.benchmark = False
     model = build_trial_model(config, data.info).to(device)
     checkpoint = load_torch(workdir / files.CHECKPOINT)
-    threat = ThreatModel(config.threat, config.eps, config.step)
+    threat = config.threat_model
     partial_path = workdir / files.AUTOATTACK_PARTIAL
     partial = load_json(partial_path) if partial_path.exists() else {}
     out: dict[str, Any] = partial if partial.get("autoattack_n") == n else {}

@@ -8,6 +8,9 @@ Run folder ``runs/<sweep>/``::
     summary.parquet         one row per finished trial: best / last / diff (+ AutoAttack)
     state.json              per-trial state and the driver's heartbeat, for ``ablate status``
     .driver.lock            held by the one running driver; names it (pid, host, start)
+    .summary.lock           held while summary.parquet is rebuilt (a driver and ``ablate
+                            evaluate`` may race)
+    ray/                    Ray Tune's own records of each ``ablate run`` (not read back)
     trials/<key>/           the trial folder of each trial
 
 Trial folder::
@@ -20,6 +23,7 @@ Trial folder::
     autoattack.partial.json the best weights' AutoAttack number while the last weights' runs
     attempts.log            one line per start of the trial: where it resumed (sweeps)
     error.txt               why the last attempt failed (sweeps)
+    .lock                   held by the worker that trains the trial (sweeps)
     config.yaml, curves.parquet   the config and curve of an ``ablate train`` folder
 """
 
@@ -29,6 +33,8 @@ SUMMARY_TABLE = "summary.parquet"
 STATE = "state.json"
 TRIALS_DIR = "trials"
 DRIVER_LOCK = ".driver.lock"  # held by the running driver (store.DriverLock); never pushed
+SUMMARY_LOCK = ".summary.lock"  # held while summary.parquet is rebuilt; never pushed
+RAY_DIR = "ray"  # Tune's storage_path: its experiment records, which ablate never reads
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
@@ -37,6 +43,7 @@ ATTEMPTS = "attempts.log"
 ERROR = "error.txt"
 TRIAL_CONFIG = "config.yaml"
 TRIAL_CURVES = "curves.parquet"
+TRIAL_LOCK = ".lock"  # held by the worker training the trial; never pushed
 
 # What `ablate status` and planning read of a trial folder (pulled with a URI's store).
 TRIAL_MARKERS = (SUMMARY, ERROR)
@@ -61,3 +68,12 @@ def fork_checkpoint(epochs: int | str) -> str:
     """The file a baseline writes after ``epochs`` epochs for the trials that fork from it
     ("*" for a glob)."""
     return f"fork-{epochs}.pt"
+
+
+def fork_epochs(name: str) -> int | None:
+    """The epochs of a fork file's name (``fork-99.pt`` -> 99); None for any other name."""
+    head, _, tail = fork_checkpoint("*").partition("*")
+    middle = name[len(head):len(name) - len(tail)]
+    if name.startswith(head) and name.endswith(tail) and middle.isdigit():
+        return int(middle)
+    return None

@@ -10,27 +10,27 @@ fork's first E epochs are the baseline's: bit for bit against the same trial tra
 on one machine's CPU (tests/test_fork.py checks it), to float rounding on a GPU, whose kernels do
 not round repeatably (docs/method.md C.1).
 
-Torch-free: ``ablate run --dry-run`` plans with it.
+When a sweep runs, a fork's life cycle is: :func:`fork_waits` finds, from what the run folder
+holds, which trials start from a fork file and which parents write one at which epochs; a
+:class:`ForkQueue` hands the trials out, holding each fork until its parent's file exists and
+releasing it to train from scratch when that file can no longer come.
+
+Torch-free and Ray-free: ``ablate run --dry-run`` plans with it, and the Tune searcher
+(:mod:`ablation.tune`) is an adapter over the queue.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from collections.abc import Iterable
+from typing import Any
 
+from . import files, strategies
 from .config import TrialConfig
-from .schedule import epoch_lrs, intervenes
-
-# Fields in which a trial may differ from the baseline it forks from: what the intervention is.
-# A baseline (intervention "none") ignores them all.
-INTERVENTION_FIELDS = ("intervention", "layers", "awp_gamma", "awp_warmup")
-# Training images per dataset, for the planner's batch count (the trainer checks again with the
-# data it loaded). The first differing epoch does not depend on it: every epoch's last batch is
-# trained at schedule time e + 1, so a milestone inside or at the end of epoch e changes epoch e.
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "digits": 1_437,
-                "synthetic": 512}
+from .datasets import dataset_info
+from .schedule import epoch_lrs
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,11 @@ class Fork:
 
 
 def batches_per_epoch(config: TrialConfig, train_images: int | None = None) -> int:
-    n = TRAIN_IMAGES[config.dataset] if train_images is None else train_images
+    """Batches per epoch of the dataset's training split (or of ``train_images``, the data a
+    trainer loaded). The planner's first differing epoch does not depend on it: every epoch's
+    last batch is trained at schedule time e + 1, so a milestone inside or at the end of epoch e
+    changes epoch e."""
+    n = dataset_info(config.dataset).train_images if train_images is None else train_images
     return math.ceil(n / config.batch_size)
 
 
@@ -59,8 +63,9 @@ def shared_epochs(parent: TrialConfig, child: TrialConfig, batches: int) -> int:
 
 
 def _shared(parent: TrialConfig, child: TrialConfig, batches: int) -> int:
+    acts = [(strategies.intervention(t.intervention).acts, t) for t in (parent, child)]
     for epoch in range(child.epochs - 1):
-        if intervenes(parent, epoch) or intervenes(child, epoch):
+        if any(act(trial, epoch) for act, trial in acts):
             return epoch
         if epoch_lrs(parent, epoch, batches) != epoch_lrs(child, epoch, batches):
             return epoch
@@ -70,7 +75,7 @@ def _shared(parent: TrialConfig, child: TrialConfig, batches: int) -> int:
 def _base(config: TrialConfig) -> str:
     """The trial's identity without its intervention."""
     return json.dumps({k: v for k, v in config.identity().items()
-                       if k not in INTERVENTION_FIELDS}, sort_keys=True)
+                       if k not in strategies.INTERVENTION_FIELDS}, sort_keys=True)
 
 
 def plan_forks(trials: Iterable[TrialConfig]) -> dict[str, Fork]:
@@ -93,3 +98,94 @@ def plan_forks(trials: Iterable[TrialConfig]) -> dict[str, Fork]:
 def epochs_to_train(trials: Iterable[TrialConfig], forks: dict[str, Fork]) -> int:
     """Training epochs of a sweep when each fork skips the epochs it shares with its parent."""
     return sum(t.epochs - (forks[t.key].epochs if t.key in forks else 0) for t in trials)
+
+
+# --- a sweep's forks while it runs: who waits for which file, and when each trial starts --------
+
+
+@dataclass(frozen=True)
+class ForkWaits:
+    """Where a sweep's forks stand in its run folder when ``ablate run`` starts."""
+
+    waiting: dict[str, Fork]  # trial key -> the fork it starts from, once its file exists
+    ready: frozenset[tuple[str, int]]  # (parent, epochs) of the fork files that exist already
+    points: dict[str, tuple[int, ...]]  # parent key -> the epochs after which it writes one
+
+
+def fork_waits(forks: dict[str, Fork], todo: Iterable[str],
+               have: Callable[[str], bool]) -> ForkWaits:
+    """Which of ``forks`` start from their parent's fork file in this run, given the keys of the
+    trials still to run and ``have``, whether a file of the run folder exists (its path relative
+    to the folder's root, as :mod:`ablation.files` names it).
+
+    A trial that has a checkpoint of its own resumes from it and waits for nothing. A trial whose
+    parent is done starts from the parent's fork file if there is one, else from scratch (its
+    parent ran without forking). Parents write a fork file at each of their children's points."""
+    todo = set(todo)
+    waiting, ready, points = {}, set(), {}
+    for key, fork in forks.items():
+        if key not in todo or have(files.trial_file(key, files.CHECKPOINT)):
+            continue
+        if have(files.trial_file(fork.parent, files.fork_checkpoint(fork.epochs))):
+            ready.add((fork.parent, fork.epochs))
+        elif fork.parent not in todo:
+            continue  # its parent finished without the file: nothing to wait for
+        waiting[key] = fork
+        points.setdefault(fork.parent, set()).add(fork.epochs)
+    return ForkWaits(waiting, frozenset(ready),
+                     {parent: tuple(sorted(epochs)) for parent, epochs in points.items()})
+
+
+FINISHED = "FINISHED"  # ForkQueue.next() once every trial has been handed out
+
+
+class ForkQueue:
+    """The order in which a sweep's trials start: first the baselines that other trials fork
+    from, then the trials that wait for nothing, and each trial of ``waiting`` once its parent's
+    fork file exists (``ready`` holds the (parent, epochs) files that exist already). A waiting
+    trial whose file cannot come any more, because its parent went past the fork point without
+    writing it or ended, is handed out without its fork (``"fork": None``) and trains from
+    scratch: nothing waits forever.
+
+    ``params`` are what each trial receives (:func:`ablation.store.trial_params`), each naming its
+    ``key``. The dispatcher tells the queue what the trials it started do (:meth:`reported`,
+    :meth:`ended`) and asks it for the next one (:meth:`next`)."""
+
+    def __init__(self, params: Iterable[dict[str, Any]], waiting: dict[str, Fork],
+                 ready: Iterable[tuple[str, int]] = ()):
+        params = list(params)
+        self.forks = dict(waiting)
+        parents = {f.parent for f in self.forks.values()}
+        self.queue = sorted((p for p in params if p["key"] not in self.forks),
+                            key=lambda p: p["key"] not in parents)  # stable: parents first
+        self.held = {p["key"]: p for p in params if p["key"] in self.forks}
+        self.ready, self.over = set(ready), set()
+        self.epochs: dict[str, int] = {}  # epochs each started trial has reported
+
+    @property
+    def waiting(self) -> list[str]:
+        """The keys of the trials held until their parent's fork file exists (or cannot)."""
+        return sorted(self.held)
+
+    def next(self) -> dict[str, Any] | str | None:
+        """The params of the next trial to start; None while only held trials are left (ask
+        again after the next report); FINISHED once every trial has been handed out."""
+        for key in list(self.held):
+            fork = self.forks[key]
+            if (fork.parent, fork.epochs) in self.ready:
+                self.queue.append(self.held.pop(key))
+            elif fork.parent in self.over or self.epochs.get(fork.parent, 0) >= fork.epochs:
+                self.queue.append({**self.held.pop(key), "fork": None})
+        if not self.queue:
+            return None if self.held else FINISHED
+        return self.queue.pop(0)
+
+    def reported(self, key: str, epochs: int, fork_files: Iterable[int] = ()) -> None:
+        """Trial ``key`` has done ``epochs`` epochs, and its folder holds the fork files written
+        after each number of epochs in ``fork_files``."""
+        self.epochs[key] = max(self.epochs.get(key, 0), epochs)
+        self.ready.update((key, int(e)) for e in fork_files)
+
+    def ended(self, key: str) -> None:
+        """Trial ``key`` ended (done, failed, stopped): no fork file of its comes any more."""
+        self.over.add(key)

@@ -21,7 +21,7 @@ from typing import Any
 from . import layers
 from .config import TrialConfig, from_dict, read_yaml
 from .errors import ConfigError, quote
-from .layers import LAYER_WISE
+from .strategies import layer_wise
 
 TOP_LEVEL = ("name", "description", "autoattack", "base", "grid", "baselines", "overrides")
 TRIAL_FIELDS = tuple(f.name for f in fields(TrialConfig))
@@ -145,10 +145,10 @@ def _axes(grid: Any, source: str) -> dict[str, list[Any]]:
         if not values:
             raise ConfigError(f"{source}: grid: key {key!r} is an empty list")
         axes[key] = values
-    has_layer_wise = any(i in LAYER_WISE for i in axes.get("intervention", []))
+    has_layer_wise = any(i in layer_wise() for i in axes.get("intervention", []))
     if has_layer_wise and "layers" not in axes:
         raise ConfigError(f"{source}: grid: key 'intervention' has layer-wise interventions "
-                          f"({', '.join(LAYER_WISE)}) but the grid has no 'layers' axis")
+                          f"({', '.join(layer_wise())}) but the grid has no 'layers' axis")
     return axes
 
 
@@ -186,7 +186,7 @@ def _expand(base: dict[str, Any], axes: dict[str, list[Any]],
             cell = {n: axes[n][i] for n, i in zip(names, picks)}
             merged = {**base, **cell}
             if "layers" in cell and merged.get("intervention", TrialConfig.intervention) \
-                    not in LAYER_WISE:
+                    not in layer_wise():
                 # none / awp_full take no subset: one trial per other-axes cell, not one per subset.
                 signature = tuple(i for n, i in zip(names, picks) if n != "layers")
                 if signature in seen_collapsed:
@@ -198,7 +198,7 @@ def _expand(base: dict[str, Any], axes: dict[str, list[Any]],
             trials.append(merged)
     if "layers" in axes and not layers_used:
         raise ConfigError(f"{source}: grid: key 'layers' is given but no trial's intervention "
-                          f"takes layers ({', '.join(LAYER_WISE)})")
+                          f"takes layers ({', '.join(layer_wise())})")
     others = [n for n in names if n not in INTERVENTION_AXES]
     for values in itertools.product(*(axes[n] for n in others)):
         for fields_ in baselines.values():

@@ -1,7 +1,11 @@
 """Layer-wise interventions as small strategies: none, fix-param, fix-lr, layer-wise and full AWP.
 
-Each one sees the model's declared layer groups (``ablation.models.group_names``); parameters
-outside groups 1-4 (stem, final BN, classifier) are never touched by a layer-wise intervention.
+What an intervention does is its torch-free description (:mod:`ablation.strategies`); the classes
+here carry the descriptions out: the chosen groups keep lr_max (``FixLR``), get no update
+(``FixParam``) or are perturbed (``AWP``). Each one sees the model's declared layer groups
+(``ablation.models.group_names``); parameters outside groups 1-4 (stem, final BN, classifier) are
+never touched by a layer-wise intervention. An intervention whose behaviour none of these has
+registers its class with :func:`register`.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
-from .methods import METHODS, Method
+from . import strategies
+from .methods import Method
 from .models import group_names
-from .schedule import awp_active
 
 
 class Intervention:
@@ -35,12 +39,6 @@ class Intervention:
 
     def after_step(self) -> None:
         """Called right after the optimizer step."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class FixParam(Intervention):
@@ -71,7 +69,8 @@ class FixLR(Intervention):
 class AWP(Intervention):
     """Adversarial weight perturbation (Wu et al. 2020) on the chosen tensors (A.5, B §4).
 
-    A proxy copy takes one SGD step up the method's loss (lr: the method's ``awp_proxy_lr``); for
+    A proxy copy takes one SGD step up the method's loss (lr: the method description's
+    ``awp_proxy_lr``); for
     every perturbed weight w the step's direction d is rescaled to v = ||w|| / ||d|| * d and
     w += gamma*v before the training step, w -= gamma*v after it. Only weights with more than one
     dimension are perturbed. Layer-wise AWP perturbs the chosen groups; ``full=True`` perturbs
@@ -79,13 +78,14 @@ class AWP(Intervention):
     number ``awp_warmup`` (their AT scripts count from 0, their TRADES scripts from 1).
     """
 
-    def __init__(self, model, config, full: bool = False):
+    def __init__(self, model, config):
         super().__init__(model, config)
         params = dict(model.named_parameters())
+        full = strategies.intervention(config.intervention).perturbs == "all"
         chosen = params if full else self.names
         self.perturbed = [n for n in chosen if params[n].dim() > 1]
         self.gamma = config.awp_gamma
-        method = METHODS[config.method]
+        proxy_lr = strategies.method(config.method).awp_proxy_lr
         self.proxy = copy.deepcopy(model)
         proxy_params = dict(self.proxy.named_parameters())
         keep = set(self.perturbed)
@@ -93,13 +93,13 @@ class AWP(Intervention):
             p.requires_grad_(name in keep)  # the other weights' gradients would be thrown away
         self.proxy_params = [proxy_params[n] for n in self.perturbed]
         self.params = [params[n] for n in self.perturbed]
-        self.proxy_opt = torch.optim.SGD(self.proxy_params, lr=method.awp_proxy_lr)
+        self.proxy_opt = torch.optim.SGD(self.proxy_params, lr=proxy_lr)
         self.v: list[Tensor] | None = None
 
     def active(self, epoch: int) -> bool:
         """Whether the 0-based ``epoch`` trains with the perturbation (the schedule's rule, which
         the sweep planner reads too)."""
-        return awp_active(self.config, epoch)
+        return strategies.awp_active(self.config, epoch)
 
     def perturbation(self, method: Method, x: Tensor, x_adv: Tensor, y: Tensor) -> list[Tensor]:
         """v = ||w|| / ||d|| * d for each perturbed tensor, from one ascent step of the proxy.
@@ -140,14 +140,22 @@ class AWP(Intervention):
     # carry a "proxy" entry, which is ignored).
 
 
-INTERVENTIONS = {
-    "none": Intervention,
-    "fix_param": FixParam,
-    "fix_lr": FixLR,
-    "awp": AWP,
-    "awp_full": lambda model, config: AWP(model, config, full=True),
-}
+# Interventions with a class of their own, by name; the others are carried out by the class their
+# description calls for (see build_intervention).
+CLASSES: dict[str, type[Intervention]] = {}
+
+
+def register(description: strategies.Intervention, cls: type[Intervention]) -> None:
+    """Add an intervention: its description (:func:`ablation.strategies.register`) and the class
+    that carries it out (a subclass of :class:`Intervention`)."""
+    strategies.register(description)
+    CLASSES[description.name] = cls
 
 
 def build_intervention(model: nn.Module, config: TrialConfig) -> Intervention:
-    return INTERVENTIONS[config.intervention](model, config)
+    """The strategy object of the trial's intervention: its registered class, else the class
+    its description calls for."""
+    d = strategies.intervention(config.intervention)
+    cls = CLASSES.get(d.name) or (AWP if d.perturbs else FixParam if d.frozen
+                                  else FixLR if d.keeps_lr_max else Intervention)
+    return cls(model, config)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
-import torch
 
 
 @contextmanager
@@ -33,16 +32,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def save_torch(obj: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_torch(path: str | Path, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint without unpickling arbitrary objects."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def save_json(obj: Any, path: str | Path) -> None:

@@ -28,10 +28,6 @@ ALL_SUBSETS: tuple[Subset, ...] = tuple(
 PANELS: tuple[tuple[Subset, ...], ...] = (ALL_SUBSETS[0:4], ALL_SUBSETS[4:7],
                                           ALL_SUBSETS[7:10], ALL_SUBSETS[10:15])
 
-# Interventions that act on a subset of the groups (the others take none): fix-param, fix-lr and
-# layer-wise AWP (method A.3-A.5). `awp_full` perturbs every weight and is a baseline.
-LAYER_WISE = ("fix_param", "fix_lr", "awp")
-
 
 def parse(value: Any, where: str) -> Subset:
     """A user's subset (a list or tuple of ints) as a sorted tuple; ConfigError naming ``where``

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import ThreatModel, pgd, trades_attack, trades_kl
+from .attacks import pgd, trades_attack, trades_kl
 from .config import TrialConfig
 
 
@@ -14,15 +14,12 @@ class Method:
     """A training objective: ``attack`` makes the training batch, ``loss`` is minimised, and
     ``proxy_loss`` is the objective AWP ascends on its proxy network (docs/method.md B §4.1, §4.2).
 
-    ``awp_proxy_lr`` follows the authors' script for the method: the learning rate of AWP's
-    proxy step (it cancels in AWP's d/||d|| but sets the rounding). The number each script gives
-    its first epoch, against which AWP's warm-up is compared, is ``schedule.FIRST_EPOCH``.
+    What the method is, as data (its name, the number its authors give their first epoch,
+    AWP's proxy learning rate, its passes), is its description in :mod:`ablation.strategies`.
     """
 
-    awp_proxy_lr = 0.01
-
     def __init__(self, config: TrialConfig):
-        self.threat = ThreatModel(config.threat, config.eps, config.step)
+        self.threat = config.threat_model
         self.steps = config.train_steps
         self.attack_in_train_mode = config.train_attack_mode == "train"
         self.beta = config.trades_beta
@@ -47,7 +44,8 @@ class Method:
 class AT(Method):
     """PGD adversarial training (Madry et al., as run by Rice et al.): CE on PGD examples.
 
-    The AT-AWP scripts count epochs from 0 and give the proxy SGD lr 0.01 (B §4.1).
+    The AT-AWP scripts count epochs from 0 and give the proxy SGD lr 0.01 (B §4.1;
+    ``strategies.METHODS["at"]``).
     """
 
     def _attack(self, model, x, y):
@@ -72,10 +70,8 @@ class TRADES(Method):
     """TRADES: CE on clean inputs + beta * KL(clean || adversarial) (docs/method.md B §6).
 
     The TRADES-AWP scripts count epochs from 1 (so a warm-up of 10 turns AWP on in the 0-based
-    epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2).
+    epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2; ``strategies.METHODS``).
     """
-
-    awp_proxy_lr = 0.1
 
     def _attack(self, model, x, y):
         return trades_attack(model, x, self.threat, self.steps)

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,11 @@ from . import files
 from .config import TrialConfig, from_dict
 from .curves import best_last
 from .errors import AblateError, ConfigError
-from .fork import Fork
+from .fork import ForkWaits
 from .grid import Sweep
 from .io import atomic_path, load_json, save_json, save_parquet
 from .remote import Remote, is_uri, mirror_dir
 
-STATES = ("pending", "running", "done", "errored")
 
 
 class RunDir:
@@ -112,6 +112,14 @@ class RunDir:
         self.push(self.root / rel)
         return self.root / rel
 
+    def have(self) -> Callable[[str], bool]:
+        """Whether a file of the run folder (relative to its root) exists: at a URI, as one
+        listing of its trial folders taken now says; here, when asked."""
+        if not self.remote:
+            return lambda rel: (self.root / rel).exists()
+        present = set(self.remote.files(files.TRIALS_DIR))
+        return lambda rel: rel in present
+
     def sync(self, rel: str) -> bool:
         """Make the file ``rel`` of the run folder here what the URI holds (removing a stale
         copy when it holds none); for a local folder, just say whether it exists."""
@@ -148,10 +156,10 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest_path.read_text())
 
-    def write_manifest(self, spec: Sweep) -> None:
-        self.write_json(files.SWEEP, {"name": spec.name, "description": spec.description,
-                                      "autoattack": spec.autoattack,
-                                      "trials": {k: c.to_dict() for k, c in spec.by_key.items()}})
+    def write_manifest(self, sweep: Sweep) -> None:
+        self.write_json(files.SWEEP, {"name": sweep.name, "description": sweep.description,
+                                      "autoattack": sweep.autoattack,
+                                      "trials": {k: c.to_dict() for k, c in sweep.by_key.items()}})
 
     def trial_dir(self, key: str) -> Path:
         return self.trials_dir / key
@@ -201,7 +209,8 @@ class RunDir:
         ``ablate report`` derive it without touching the folder). At a URI each summary is fetched
         first, since another machine (a worker, ``ablate evaluate``) may have written it, unless
         ``fetch=False`` says the caller has just pulled the store."""
-        with open(self.root / ".summary.lock", "w") as lock:  # a driver and `evaluate` may race
+        # a driver and `evaluate` may race
+        with open(self.root / files.SUMMARY_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             rows = []
             for key, config in self.trials().items():
@@ -241,13 +250,13 @@ class RunDir:
             "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}})
 
 
-def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
+def plan(run: RunDir, sweep: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
     """Check the sweep against what the folder holds, record it, and return the trials to run.
 
     A trial stored here but absent from the sweep means the file changed what existing trials
     compute (their keys hash the whole config): refuse rather than orphan their work.
     """
-    name, autoattack, configs = spec.name, spec.autoattack, spec.by_key
+    name, autoattack, configs = sweep.name, sweep.autoattack, sweep.by_key
     if run.exists():
         stored = run.manifest()
         if stored["name"] != name:
@@ -258,7 +267,7 @@ def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConf
             raise ConfigError(
                 f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
                 f"(e.g. {gone[0]}); undo the change or run it with another --storage")
-    run.write_manifest(spec)
+    run.write_manifest(sweep)
     # A driver killed after a trial's summary.json lost only the row; the store was just pulled.
     run.rebuild_summaries(fetch=False)
     todo = {}
@@ -274,39 +283,23 @@ def plan(run: RunDir, spec: Sweep, restart_errored: bool) -> dict[str, TrialConf
 
 
 def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
-                 autoattack: int | None, forks: dict[str, Fork]
-                 ) -> tuple[list[dict[str, Any]], dict[str, Fork], set[tuple[str, int]]]:
-    """What each Tune trial receives (relative data roots become absolute: workers chdir), the
-    trials that wait for their parent's fork file, and the fork files that exist already.
-
-    A trial that has a checkpoint of its own resumes from it and waits for nothing. A trial whose
-    parent is done starts from the parent's fork file if there is one, else from scratch (its
-    parent ran without forking). Parents write a fork file at each of their children's points."""
-    present = set(run.remote.files(files.TRIALS_DIR)) if run.remote else None
-
-    def have(rel: str) -> bool:
-        return rel in present if present is not None else (run.root / rel).exists()
-
-    waiting, ready, points = {}, set(), {}
-    for key, fork in forks.items():
-        if key not in todo or have(files.trial_file(key, files.CHECKPOINT)):
-            continue
-        if have(files.trial_file(fork.parent, files.fork_checkpoint(fork.epochs))):
-            ready.add((fork.parent, fork.epochs))
-        elif fork.parent not in todo:
-            continue  # its parent finished without the file: nothing to wait for
-        waiting[key] = fork
-        points.setdefault(fork.parent, set()).add(fork.epochs)
+                 autoattack: int | None, waits: ForkWaits) -> list[dict[str, Any]]:
+    """What each trial of ``todo`` receives where it runs (:func:`ablation.worker.run_trial`):
+    its key and config (a relative data root made absolute: workers chdir), the run folder,
+    torch's thread count, AutoAttack's test images, the fork it starts from and the epochs after
+    which it writes fork files for others (both from ``waits``: :func:`ablation.fork.fork_waits`).
+    """
     out = []
     for key, config in todo.items():
         root = Path(config.data_root).expanduser()
         if not root.is_absolute():
             config = config.replace(data_root=str(root.resolve()))  # not in the key: same trial
+        fork = waits.waiting.get(key)
         out.append({"key": key, "config": config.to_dict(), "run": run.location,
                     "threads": threads, "autoattack": autoattack,
-                    "fork": waiting[key].to_dict() if key in waiting else None,
-                    "fork_points": sorted(points.get(key, ()))})
-    return out, waiting, ready
+                    "fork": fork.to_dict() if fork else None,
+                    "fork_points": list(waits.points.get(key, ()))})
+    return out
 
 
 def _driver_alive(driver: dict[str, Any] | None) -> bool:

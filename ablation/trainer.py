@@ -21,21 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import files
-from .attacks import ThreatModel, pgd, random_start
-from .config import TrialConfig, from_dict
+from .attacks import pgd, random_start
+from .checkpoint import TrialFolder, restore, state_of
+from .config import TrialConfig
 from .curves import best_last
-from .data import Data, DatasetInfo, augment, load_data
+from .data import Data, augment, load_data
 from .device import check_precision, dtype_of, eval_batch_size, oom_line, resolve_device, set_tf32
-from .errors import ConfigError, OutOfMemory, TrainingDiverged
-from .fork import Fork, batches_per_epoch, shared_epochs
+from .errors import OutOfMemory, TrainingDiverged
+from .fork import Fork, batches_per_epoch
 from .interventions import build_intervention
-from .io import load_torch, save_torch
 from .methods import build_method
-from .models import build_model
+from .models import build_trial_model
 from .schedule import learning_rate, schedule_time
 
-CHECKPOINT_FORMAT = 1
 DIVERGENCE_CHECK = 50  # batches between reads of the on-device divergence flag
 
 
@@ -62,46 +60,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every CUDA device too
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Python, NumPy and torch generator states and, on a GPU, the generator of the trial's own
-    device (not every visible GPU's: a sweep's worker sees one, a login node eight), in types
-    ``weights_only`` loading accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device, saved_on: str = "auto") -> None:
-    """Restore what :func:`rng_state` saved. A CPU trial ignores a GPU's state (a GPU checkpoint
-    resumes on the CPU with the CPU's own draws, which never came from that generator). Before
-    0.3 the GPU part was a list, one state per GPU visible to the writer: the trial's device
-    was the one its ``device`` field (``saved_on``) named."""
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):
-        written = torch.device(saved_on) if saved_on.startswith("cuda") else torch.device("cuda")
-        cuda = cuda[written.index or 0] if (written.index or 0) < len(cuda) else \
-            (cuda[0] if cuda else None)
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def build_trial_model(config: TrialConfig, info: DatasetInfo) -> torch.nn.Module:
-    """The trial's network for a dataset, normalising inside its forward unless the method's
-    authors feed raw pixels (TRADES, B §1.2)."""
-    return build_model(
-        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-        mean=info.mean if config.normalize else None, std=info.std if config.normalize else None,
-        width=config.width, blocks=config.blocks)
-
-
 class Trainer:
     """One trial: data and model on the device, the method, the intervention and the optimizer."""
 
@@ -115,7 +73,6 @@ class Trainer:
         """
         self.config = config
         self.workdir = Path(workdir).resolve()  # Ray may change the working directory
-        self.checkpoint_path = self.workdir / files.CHECKPOINT
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
         self.dtype = dtype_of(config.precision)
@@ -134,7 +91,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         self.eval_batch = config.test_batch_size or eval_batch_size(
-            self.model, self._batch(self.data.test_x[:1])[0], self.device)
+            self.model, self.batch(self.data.test_x[:1])[0], self.device)
         self.method = build_method(config)
         self.intervention = build_intervention(self.model, config)  # AWP's proxy: an eager copy
         if config.compile:
@@ -161,13 +118,7 @@ class Trainer:
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay,
                                          fused=self.device.type == "cuda" or None)
-        flags = {k: self.optimizer.defaults[k] for k in ("fused", "foreach")}
-
-        def keep_device_flags(optimizer: torch.optim.Optimizer) -> None:
-            for group in optimizer.param_groups:
-                group.update(flags)
-        self.optimizer.register_load_state_dict_post_hook(keep_device_flags)
-        self.eval_threat = ThreatModel(config.threat, config.eps, config.step)
+        self.eval_threat = config.threat_model
         # A fixed subset of the (unaugmented) training set, attacked in eval mode each epoch (A.8).
         n_train = len(self.data.train_y)
         chooser = torch.Generator().manual_seed(config.seed)
@@ -176,13 +127,21 @@ class Trainer:
                            self.data.train_y[index.to(self.device)])
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
-        self.best_saved: int | None = None  # the epoch whose weights this folder's best file holds
         self.fork_points = sorted(set(fork_points))
         self.forked_from: str | None = None
-        if self.checkpoint_path.exists():
-            self._load_checkpoint()
-        elif fork is not None and fork_path(self.workdir, fork).exists():
-            self._start_from_fork(fork)
+        self.folder = TrialFolder(self.workdir, config)
+        loaded = self.folder.resume()
+        if loaded is None and fork is not None:
+            loaded = self.folder.start_from_fork(
+                fork, batches_per_epoch(config, len(self.data.train_y)))
+            if loaded is not None:
+                self.forked_from = fork.parent
+                for row in loaded[0]["history"]:  # the fork's own fix-lr value, not the parent's
+                    row["lr_fixed"] = self._fixed_lr()
+        if loaded is not None:
+            state, self.best_state = loaded
+            restore(state, self.model, self.optimizer, self.device)
+            self.history = state["history"]
         self.finished_at_start = self.finished  # its weights are those of any summary on disk
 
     @property
@@ -204,15 +163,18 @@ class Trainer:
             if self.best_epoch == epoch:
                 self.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self.model.state_dict().items()}
-            reporter.written(*self._save_checkpoint())
-            reporter.epoch(dict(row), self.checkpoint_path)
+            state = state_of(self.config, self.model, self.optimizer, self.history,
+                             self.best_epoch, self.device)
+            reporter.written(*self.folder.save(state, self.best_state, self.fork_points))
+            reporter.epoch(dict(row), self.folder.checkpoint)
         return list(self.history)
 
     @property
     def best_epoch(self) -> int:
         return best_last(self.history)["best_epoch"]
 
-    def _autocast(self):
+    def autocast(self):
+        """The trial's autocast region (bf16; a no-op in the other precisions)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config.precision == "bf16")
 
@@ -220,7 +182,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _batch(self, x: Tensor, augmented: bool = False) -> Tensor:
+    def batch(self, x: Tensor, augmented: bool = False) -> Tensor:
         """uint8 images as model inputs in [0, 1], augmented for training, in the model's dtype
         and memory layout (augmentation's gather returns NCHW whatever it was given)."""
         x = x.to(self.dtype).div_(255)
@@ -258,7 +220,7 @@ class Trainer:
                 if not group.get("fixed_lr"):
                     group["lr"] = lr
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = self._batch(self.data.train_x[idx], augmented=True)
+            x = self.batch(self.data.train_x[idx], augmented=True)
             y = self.data.train_y[idx]
             try:
                 loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
@@ -281,11 +243,15 @@ class Trainer:
             reporter.progress(epoch, i, batches)
         self._sync()
         robust_loss, robust_acc, clean_loss, clean_acc = (sums / n).tolist()
-        fixed = [g["lr"] for g in opt.param_groups if g.get("fixed_lr")]
-        return {"epoch": epoch, "lr": lr, "lr_fixed": fixed[0] if fixed else math.nan,
+        return {"epoch": epoch, "lr": lr, "lr_fixed": self._fixed_lr(),
                 "train_loss": clean_loss, "train_acc": clean_acc,
                 "train_robust_loss": robust_loss, "train_robust_acc": robust_acc,
                 "train_seconds": time.perf_counter() - start}
+
+    def _fixed_lr(self) -> float:
+        """The learning rate of fix-lr's groups (NaN without them)."""
+        fixed = [g["lr"] for g in self.optimizer.param_groups if g.get("fixed_lr")]
+        return fixed[0] if fixed else math.nan
 
     def _stop_if_diverged(self, first_bad: Tensor, epoch: int, batches: int) -> None:
         batch = int(first_bad)  # the one host sync of the check
@@ -304,12 +270,12 @@ class Trainer:
         # Three autocast regions, not one: autocast caches each weight's low-precision copy for
         # the life of a region, so AWP's in-place perturbation would be invisible to a training
         # forward in the attack's region (C.6).
-        with self._autocast(), self._input_gradients_only():
+        with self.autocast(), self._input_gradients_only():
             x_adv = self.method.attack(model, x, y)
         model.train()
-        with self._autocast():
+        with self.autocast():
             self.intervention.before_step(epoch, self.method, x, x_adv, y)
-        with self._autocast():
+        with self.autocast():
             loss, logits_adv = self.method.loss(model, x, x_adv, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,7 +286,7 @@ class Trainer:
         # too; the layer-wise AWP and TRADES code has no such pass, which eval mode reproduces
         # (B §3.2 step 5, C.2).
         model.train(self.config.log_pass_mode == "train")
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             logits_nat = model(x)
         return loss.detach(), logits_adv, logits_nat
 
@@ -351,7 +317,7 @@ class Trainer:
         """
         self.model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        images = self._batch(images)
+        images = self.batch(images)
         starts = random_start(images, self.eval_threat)
         i = 0
         while i < len(labels):
@@ -374,7 +340,7 @@ class Trainer:
 
     def _attack_batch(self, x: Tensor, y: Tensor, steps: int, start: Tensor) -> Tensor:
         """Summed clean loss, clean correct, PGD loss and PGD correct of one evaluation batch."""
-        with self._autocast():
+        with self.autocast():
             with self._input_gradients_only():
                 x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=start)
             with torch.no_grad():
@@ -384,116 +350,6 @@ class Trainer:
             F.cross_entropy(logits_adv, y, reduction="sum"), (logits_adv.argmax(1) == y).sum(),
         ]).double()
 
-    def _state(self) -> dict[str, Any]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "key": self.config.key,
-            "config": self.config.to_dict(),
-            "epoch": self.epochs_done - 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            # The optimizer numbers parameters in its groups' order; a fork, whose groups differ
-            # (fix-lr splits them), finds its momentum buffers by name.
-            "param_names": [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]],
-            "intervention": self.intervention.state_dict(),
-            "rng": rng_state(self.device),
-            "best_epoch": self.best_epoch,
-            "history": self.history,
-        }
-
-    def _save_checkpoint(self) -> tuple[list[Path], list[Path]]:
-        """Write the epoch's files, each atomically, in an order that a kill between any two
-        leaves resumable: a fork file (self-contained: it holds the best weights), the best
-        weights when they changed (``best-<epoch>.pt``: a new name, so the checkpoint on disk
-        still finds its own), the checkpoint naming them, then the older best file goes.
-        Returns (written, removed)."""
-        state, written, removed = self._state(), [], []
-        if self.epochs_done in self.fork_points:
-            path = self.workdir / files.fork_checkpoint(self.epochs_done)
-            save_torch({**state, "best_model": self.best_state}, path)
-            written.append(path)
-        best = state["best_epoch"]
-        if best != self.best_saved:
-            path = self.workdir / files.best_checkpoint(best)
-            save_torch({"key": self.config.key, "epoch": best, "model": self.best_state}, path)
-            written.append(path)
-        save_torch(state, self.checkpoint_path)
-        written.append(self.checkpoint_path)
-        if best != self.best_saved:
-            if self.best_saved is not None:
-                old = self.workdir / files.best_checkpoint(self.best_saved)
-                old.unlink(missing_ok=True)
-                removed.append(old)
-            self.best_saved = best
-        return written, removed
-
-    def _read(self, path: Path) -> dict[str, Any]:
-        try:
-            return load_torch(path)
-        except Exception as err:  # a torn file cannot happen (atomic writes), a foreign one can
-            raise ConfigError(f"{path}: not a readable ablate checkpoint ({type(err).__name__}); "
-                              "move it away or use another output folder") from None
-
-    def _load_checkpoint(self) -> None:
-        state = self._read(self.checkpoint_path)
-        if state.get("key") != self.config.key:
-            raise ConfigError(f"{self.checkpoint_path}: holds trial {state.get('key')!r}, not "
-                              f"{self.config.key!r}; use another output folder")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._match_layouts()
-        self.intervention.load_state_dict(state["intervention"])
-        set_rng_state(state["rng"], self.device, state["config"].get("device", "auto"))
-        self.history = state["history"]
-        self.best_state = load_best(self.workdir, state)
-        self.best_saved = state.get("best_epoch")  # None in 0.2.0's, which held the weights
-        for path in self.workdir.glob(files.best_checkpoint("*")):  # one a kill left behind
-            if path.name != files.best_checkpoint(self.best_saved):
-                path.unlink()
-
-    def _start_from_fork(self, fork: Fork) -> None:
-        """Start where the parent trial was after ``fork.epochs`` epochs, when the two trials
-        compute the same thing until then (checked again here with the loaded data's batch
-        count); the prefix's rows are the parent's, marked with its key."""
-        path = fork_path(self.workdir, fork)
-        state = self._read(path)
-        parent = from_dict(state["config"], source=str(path))
-        batches = batches_per_epoch(self.config, len(self.data.train_y))
-        if state.get("key") != fork.parent or len(state["history"]) != fork.epochs \
-                or shared_epochs(parent, self.config, batches) < fork.epochs:
-            raise ConfigError(f"{path}: not trial {fork.parent}'s state after {fork.epochs} "
-                              f"epochs shared with {self.config.key}; delete it to train the "
-                              "trial from scratch")
-        self.model.load_state_dict(state["model"])
-        momentum = {state["param_names"][i]: buffers  # the parent's, by parameter name
-                    for i, buffers in state["optimizer"]["state"].items()}
-        own = self.optimizer.state_dict()
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-        own["state"] = {i: momentum[n] for i, n in enumerate(order) if n in momentum}
-        self.optimizer.load_state_dict(own)
-        self._match_layouts()
-        set_rng_state(state["rng"], self.device, state["config"].get("device", "auto"))
-        fixed = [g["lr"] for g in self.optimizer.param_groups if g.get("fixed_lr")]
-        self.history = [{**row, "lr_fixed": fixed[0] if fixed else math.nan,
-                         "forked_from": fork.parent} for row in state["history"]]
-        self.best_state = state["best_model"]
-        self.forked_from = fork.parent
-
-
-    def _match_layouts(self) -> None:
-        """Give each loaded optimizer buffer its parameter's memory layout: a checkpoint written
-        with another ``channels_last`` (a runtime field) holds buffers with the other strides,
-        which CUDA's fused SGD refuses (the CPU's kernels accept them)."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p, {})
-                for name, value in state.items():
-                    if torch.is_tensor(value) and value.shape == p.shape \
-                            and value.stride() != p.stride():
-                        state[name] = torch.empty_like(p).copy_(value)
-
     def release(self) -> None:
         """Free the trainer's device memory (model, optimizer, AWP's proxy) for what runs after
         training in the same process (AutoAttack); ``data`` stays for it."""
@@ -501,21 +357,3 @@ class Trainer:
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def fork_path(workdir: Path, fork: Fork) -> Path:
-    """Where a trial in ``workdir`` finds its fork's parent checkpoint: in the parent's folder,
-    beside its own (trial folders are siblings in a run folder)."""
-    return workdir.parent / fork.parent / files.fork_checkpoint(fork.epochs)
-
-
-def load_best(workdir: Path, state: dict[str, Any]) -> dict[str, Tensor]:
-    """The best weights a checkpoint refers to, from their file beside it (a checkpoint of
-    version 0.2.0 holds them itself)."""
-    if "best_model" in state:
-        return state["best_model"]
-    path = Path(workdir) / files.best_checkpoint(state["best_epoch"])
-    if not path.exists():
-        raise ConfigError(f"{path}: missing; the checkpoint beside it refers to it (delete both "
-                          "to train the trial again)")
-    return load_torch(path)["model"]

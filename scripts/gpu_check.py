@@ -824,9 +824,9 @@ def probe_memory(device_name: str) -> dict[str, Any]:
 
     from ablation.attacks import ThreatModel, pgd
     from ablation.config import TrialConfig
-    from ablation.data import dataset_info
+    from ablation.datasets import dataset_info
     from ablation.device import eval_batch_size, eval_bytes_per_image
-    from ablation.trainer import build_trial_model
+    from ablation.models import build_trial_model
 
     torch.set_num_threads(1)
     device = torch.device(device_name)

@@ -127,53 +127,41 @@ def tiny_trial(**overrides: object) -> dict:
 
 def run_sweep_in_process(sweep: dict, root: Path | str, *,
                          stop_after: dict | None = None) -> Path:
-    """Write a run folder as ``ablate run`` does, minus Ray: the real grid, trainer and store.
-    ``root`` may be a URI; the local mirror's path is returned.
+    """Write a run folder as ``ablate run`` does, minus Ray: the real grid, store and worker
+    (:func:`ablation.worker.run_trial`, its messages handed straight to the driver's
+    :func:`ablation.worker.receive`), one trial after another, without forking. ``root`` may be
+    a URI; the local mirror's path is returned.
 
     ``stop_after`` maps trial index -> epochs, leaving those trials unfinished (a partial run).
     """
     import torch
 
-    from ablation import files
-    from ablation.evaluate import write_summary
+    from ablation.fork import fork_waits
     from ablation.grid import sweep_from_dict
-    from ablation.store import RunDir
-    from ablation.trainer import Reporter, Trainer
+    from ablation.store import RunDir, trial_params
+    from ablation.worker import receive, run_trial
 
-    spec = sweep_from_dict(sweep, source="test-sweep")
+    sweep = sweep_from_dict(sweep, source="test-sweep")
     run = RunDir.attach(root)
-    run.write_manifest(spec)
+    run.write_manifest(sweep)
     stop_after = stop_after or {}
-
-    class Store(Reporter):
-        def __init__(self, config, limit):
-            self.config, self.limit = config, limit
-
-        def written(self, paths, removed):  # as the Ray workers do (there, on a thread)
-            for path in paths:
-                run.push(path)
-            if run.remote:
-                for path in removed:
-                    run.remote.delete(path.relative_to(run.root).as_posix())
-
-        def epoch(self, row, checkpoint):
-            run.add_epochs(self.config, [row])
-            if row["epoch"] + 1 == self.limit:
-                raise StopIteration
-
+    configs = sweep.by_key
+    params = trial_params(run, configs, threads=1, autoattack=sweep.autoattack,
+                          waits=fork_waits({}, configs, run.have()))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        for i, config in enumerate(spec.trials):
-            trainer = Trainer(config, run.trial_dir(config.key))
+        for i, trial in enumerate(params):  # in the sweep's order
+            config, limit = configs[trial["key"]], stop_after.get(i)
+
+            def send(message):
+                receive(run, config, message)
+                if "row" in message and message["row"]["epoch"] + 1 == limit:
+                    raise StopIteration  # out of the trainer, after the epoch's checkpoint
+
             try:
-                trainer.fit(Store(config, stop_after.get(i)))
+                run_trial(trial, send)
             except StopIteration:
                 continue
-            write_summary(config, trainer.workdir, trainer.history,
-                          autoattack=spec.autoattack, data=trainer.data)
-            run.push(run.trial_dir(config.key) / files.SUMMARY)
-            run.rebuild_summaries()
     finally:
         torch.set_num_threads(threads)
     return run.root

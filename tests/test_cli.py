@@ -286,3 +286,16 @@ def test_version_is_the_packages():
 
     done = ablate("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"ablate {version('ablation')}"
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_status_and_report_never_load_torch_or_ray(study_run, tmp_path, command):
+    # On a login node torch costs ~2 s and 1 GB of address space; neither command needs it.
+    args = [command, str(study_run)] + (["--table", "best-last", "--out", str(tmp_path)]
+                                        if command == "report" else [])
+    code = ("import sys\nfrom ablation.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exit:\n    print('exit', exit.code)\n"
+            "print([m for m in ('torch', 'ray') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("[]"), done.stdout + done.stderr

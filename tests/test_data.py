@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +14,9 @@ from conftest import FAKE_DATASETS, write_fake_dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ablation.data import (
-    DATASETS,
-    Data,
-    DatasetInfo,
-    _CifarUnpickler,
-    augment,
-    crop_flip,
-    dataset_info,
-    load_data,
-    rotate,
-)
+from ablation.config import DATASETS
+from ablation.data import Data, _CifarUnpickler, augment, crop_flip, load_data, rotate
+from ablation.datasets import DatasetInfo, dataset_info
 from ablation.errors import ConfigError, DataError
 
 # METHOD.md normalisation constants.
@@ -50,8 +39,11 @@ def test_dataset_info_constants_and_unknown_name():
         assert (info.name, info.num_classes, info.in_channels, info.image_size) == (
             name, NUM_CLASSES[name], 3, 32)
         assert info.mean == mean and info.std == std
-    assert dataset_info("digits") == DatasetInfo("digits", 10, 1, 8, None, None)
-    assert dataset_info("synthetic") == DatasetInfo("synthetic", 10, 3, 8, None, None)
+    assert dataset_info("digits") == DatasetInfo("digits", 10, 1, 8, 1437, 360, None, None)
+    assert dataset_info("synthetic") == DatasetInfo("synthetic", 10, 3, 8, 512, 256, None, None)
+    # the official split sizes (docs/method.md B §1.1)
+    assert [(dataset_info(n).train_images, dataset_info(n).test_images) for n in CONSTANTS] == [
+        (50_000, 10_000), (50_000, 10_000), (73_257, 26_032)]
     with pytest.raises(ConfigError, match="mnist"):
         dataset_info("mnist")
 
@@ -198,7 +190,7 @@ def test_download_only_when_files_are_missing(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", fake_fetch)
-    monkeypatch.setattr("torchvision.datasets.svhn.download_url", fake_fetch)
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_fetch)
     # Files present (with md5s unlike the official ones): no download is attempted.
     for name in FAKE_DATASETS:
         write_fake_dataset(name, tmp_path / name, 6, 3, seed=0)
@@ -209,6 +201,9 @@ def test_download_only_when_files_are_missing(tmp_path, monkeypatch):
         load_data("cifar10", tmp_path / "empty", download=True)
     assert len(calls) == 1 and "network unreachable" in str(err.value)
     assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match=r"svhn: download into .* failed .*network unreachable.*; "
+                                        r"put the \.mat files at .*train_32x32\.mat instead"):
+        load_data("svhn", tmp_path / "empty_svhn", download=True)
 
 
 def test_data_to_moves_all_tensors(tmp_path):
@@ -363,61 +358,6 @@ def test_augment_unknown_dataset():
 # `ablate data`: fetch and verify by md5
 
 
-def _md5_table(root, name):
-    import hashlib
-
-    from ablation.datafiles import expected_files
-
-    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in expected_files(name, root)}
-
-
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
-def test_verify_data_checks_every_file_against_the_official_md5(tmp_path, monkeypatch, name):
-    from ablation import data as data_module
-
-    root = tmp_path / "d"
-    write_fake_dataset(name, root, n_train=20, n_test=10)
-    assert set(data_module.official_md5(name)) == set(_md5_table(root, name))  # same files
-    # The fake files are not the official ones: the first one checked is named.
-    with pytest.raises(DataError, match="is not the official file"):
-        data_module.verify_data(name, root)
-    table = _md5_table(root, name)  # as if these were the official files
-    monkeypatch.setattr(data_module, "official_md5", lambda n: table)
-    assert len(data_module.verify_data(name, root)) == len(table)
-    victim = sorted(table)[0]
-    (root / victim).write_bytes(b"corrupt")
-    with pytest.raises(DataError, match=re.escape(str(root / victim))):
-        data_module.verify_data(name, root)
-
-
-def test_fetch_data_downloads_once_under_a_lock_then_verifies(tmp_path, monkeypatch):
-    import threading
-
-    from ablation import data as data_module
-
-    source = tmp_path / "source"
-    write_fake_dataset("cifar10", source, n_train=20, n_test=10)
-    table = _md5_table(source, "cifar10")
-    monkeypatch.setattr(data_module, "official_md5", lambda n: table)
-    calls = []
-
-    def fake_download(url, root, filename, md5):  # what torchvision's would leave behind
-        calls.append(url)
-        shutil.copytree(source / "cifar-10-batches-py", Path(root) / "cifar-10-batches-py")
-
-    monkeypatch.setattr(data_module.tvd.utils, "download_and_extract_archive", fake_download)
-    target = tmp_path / "shared"
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        data_module.fetch_data("cifar10", target))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and len(results) == 3 and all(len(r) == 7 for r in results)
-
-
 def test_ablate_data_refuses_unofficial_files_in_one_line(tmp_path):
     root = tmp_path / "d"
     write_fake_dataset("cifar10", root, n_train=20, n_test=10)
@@ -426,3 +366,10 @@ def test_ablate_data_refuses_unofficial_files_in_one_line(tmp_path):
                           timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("error: cifar10: ") and "data_batch_1" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_the_table_holds_the_split_sizes_the_loader_gives(name):
+    data = load_data(name, "unused", download=False)
+    info = dataset_info(name)
+    assert (len(data.train_y), len(data.test_y)) == (info.train_images, info.test_images)

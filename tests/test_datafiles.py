@@ -1,7 +1,11 @@
-"""The dataset file names and the torch-free check that they are there."""
+"""The dataset files: their names, the torch-free check that they are there, and `ablate data`'s
+fetch and verify."""
 
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FAKE_DATASETS, write_fake_dataset
@@ -76,3 +80,58 @@ def test_the_check_reads_nothing(tmp_path):
     write_fake_dataset("cifar10", tmp_path, 6, 3, seed=0)
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
     check_data("cifar10", tmp_path, download=False)
+
+
+def _md5_table(root, name):
+    import hashlib
+
+    from ablation.datafiles import expected_files
+
+    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in expected_files(name, root)}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+def test_verify_data_checks_every_file_against_the_official_md5(tmp_path, monkeypatch, name):
+    from ablation import datafiles as data_module
+
+    root = tmp_path / "d"
+    write_fake_dataset(name, root, n_train=20, n_test=10)
+    assert set(data_module.official_md5(name)) == set(_md5_table(root, name))  # same files
+    # The fake files are not the official ones: the first one checked is named.
+    with pytest.raises(DataError, match="is not the official file"):
+        data_module.verify_data(name, root)
+    table = _md5_table(root, name)  # as if these were the official files
+    monkeypatch.setattr(data_module, "official_md5", lambda n: table)
+    assert len(data_module.verify_data(name, root)) == len(table)
+    victim = sorted(table)[0]
+    (root / victim).write_bytes(b"corrupt")
+    with pytest.raises(DataError, match=re.escape(str(root / victim))):
+        data_module.verify_data(name, root)
+
+
+def test_fetch_data_downloads_once_under_a_lock_then_verifies(tmp_path, monkeypatch):
+    import threading
+
+    from ablation import datafiles as data_module
+
+    source = tmp_path / "source"
+    write_fake_dataset("cifar10", source, n_train=20, n_test=10)
+    table = _md5_table(source, "cifar10")
+    monkeypatch.setattr(data_module, "official_md5", lambda n: table)
+    calls = []
+
+    def fake_download(url, root, filename, md5):  # what torchvision's would leave behind
+        calls.append(url)
+        shutil.copytree(source / "cifar-10-batches-py", Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", fake_download)
+    target = tmp_path / "shared"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        data_module.fetch_data("cifar10", target))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3 and all(len(r) == 7 for r in results)

@@ -10,9 +10,9 @@ import torch
 
 from ablation import device as dev
 from ablation.config import from_dict
-from ablation.data import dataset_info
+from ablation.datasets import dataset_info
 from ablation.errors import ConfigError
-from ablation.trainer import build_trial_model
+from ablation.models import build_trial_model
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Shared-prefix forking: where a trial's prefix ends (hand-derived cases), that the trainer's
-learning rates are the planner's, and that a forked trial equals the same trial trained from its
-first epoch, bit for bit."""
+learning rates are the planner's, that a forked trial equals the same trial trained from its
+first epoch, bit for bit, and, without Ray, a run's fork life cycle: who waits for which file and
+in which order the trials start."""
 
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from conftest import tiny_trial
 from ablation import files
 from ablation.config import from_dict
 from ablation.errors import ConfigError
-from ablation.fork import Fork, epochs_to_train, plan_forks, shared_epochs
+from ablation.fork import (FINISHED, Fork, ForkQueue, ForkWaits, epochs_to_train, fork_waits,
+                           plan_forks, shared_epochs)
 from ablation.grid import load_sweep
 from ablation.schedule import epoch_lrs
 from ablation.trainer import Reporter, Trainer
@@ -61,10 +63,10 @@ def test_trials_that_differ_in_more_than_the_intervention_share_nothing(change):
 
 
 def test_the_papers_cifar10_sweep_trains_7915_of_its_9400_epochs():
-    spec = load_sweep(ROOT / "sweeps" / "cifar10_linf.yaml")
-    forks = plan_forks(spec.trials)
-    assert spec.total_epochs == 9400 and epochs_to_train(spec.trials, forks) == 7915
-    by_key = spec.by_key
+    sweep = load_sweep(ROOT / "sweeps" / "cifar10_linf.yaml")
+    forks = plan_forks(sweep.trials)
+    assert sweep.total_epochs == 9400 and epochs_to_train(sweep.trials, forks) == 7915
+    by_key = sweep.by_key
     assert {by_key[k].intervention for k in forks} == {"fix_lr"} and len(forks) == 15
     assert all(by_key[f.parent].intervention == "none" and f.epochs == 99
                for f in forks.values())
@@ -164,6 +166,78 @@ def test_gpu_hours_count_forward_passes_and_skip_forked_epochs(tmp_path):
                            "project": {"median_s": 0.1}}]}))
     measured = rate_from_bench(bench)
     assert measured.flops_per_s == pytest.approx(4e13) and "NVIDIA H100 bf16" in measured.source
+
+
+# --- a run's fork life cycle, without Ray ------------------------------------------------------
+
+
+def test_fork_file_names_are_parsed_as_they_are_written():
+    assert [files.fork_epochs(files.fork_checkpoint(e)) for e in (0, 2, 99)] == [0, 2, 99]
+    for name in ("fork-.pt", "fork-2.pt.tmp", ".fork-2.pt.1a2b.upload", "fork-x.pt",
+                 files.best_checkpoint(2), files.CHECKPOINT):
+        assert files.fork_epochs(name) is None, name
+
+
+def test_who_waits_for_which_fork_file_follows_what_the_run_folder_holds():
+    forks = {"f1": Fork("at", 2), "f2": Fork("at", 3), "resumed": Fork("at", 2),
+             "from_done": Fork("done", 2), "no_file": Fork("done_plain", 2),
+             "finished": Fork("at", 2)}
+    todo = ["at", "f1", "f2", "resumed", "from_done", "no_file"]  # the parents "done*" are done
+    have = {files.trial_file("resumed", files.CHECKPOINT),
+            files.trial_file("done", files.fork_checkpoint(2))}
+    waits = fork_waits(forks, todo, have.__contains__)
+    # "resumed" resumes its own checkpoint; "no_file"'s parent finished without the file (it ran
+    # under --no-fork) and "finished" is not to run: these three start without their fork.
+    assert waits == ForkWaits(waiting={"f1": Fork("at", 2), "f2": Fork("at", 3),
+                                       "from_done": Fork("done", 2)},
+                              ready=frozenset({("done", 2)}),
+                              points={"at": (2, 3), "done": (2,)})
+
+
+def fork_params(*keys, forks):
+    """Params as store.trial_params gives them (the fields the queue reads)."""
+    return [{"key": k, "fork": forks[k].to_dict() if k in forks else None} for k in keys]
+
+
+def test_the_queue_hands_out_parents_first_and_holds_each_fork_until_its_file_exists():
+    forks = {"f1": Fork("at", 2), "f2": Fork("at", 2)}
+    params = fork_params("f1", "other", "f2", "at", forks=forks)
+    queue = ForkQueue(params, forks)
+    assert queue.waiting == ["f1", "f2"]
+    assert [queue.next()["key"] for _ in range(2)] == ["at", "other"]  # the parent first
+    assert queue.next() is None  # only forks are left, and they wait
+    queue.reported("at", 1)
+    queue.reported("other", 2)
+    assert queue.next() is None and queue.waiting == ["f1", "f2"]
+    queue.reported("at", 2, fork_files=[2])  # the epoch after which the file was written
+    assert [queue.next() for _ in range(2)] == [params[0], params[2]]  # with their fork
+    assert queue.waiting == [] and queue.next() is FINISHED
+
+
+@pytest.mark.parametrize("news", ["passed the point", "ended before it", "wrote another file"])
+def test_a_fork_whose_file_cannot_come_is_released_to_train_from_scratch(news):
+    forks = {"f": Fork("at", 2)}
+    queue = ForkQueue(fork_params("at", "f", forks=forks), forks)
+    assert queue.next()["key"] == "at" and queue.next() is None
+    if news == "passed the point":  # it ran under --no-fork before: no file after epoch 2
+        queue.reported("at", 2)
+    elif news == "ended before it":  # failed, or stopped
+        queue.reported("at", 1)
+        queue.ended("at")
+    else:
+        queue.reported("at", 3, fork_files=[3])
+    assert queue.next() == {"key": "f", "fork": None} and queue.waiting == []
+    assert queue.next() is FINISHED
+
+
+def test_a_fork_whose_file_exists_already_is_handed_out_with_it():
+    forks = {"f": Fork("done", 2), "g": Fork("at", 1)}
+    params = fork_params("f", "g", "at", forks=forks)
+    queue = ForkQueue(params, forks, ready={("done", 2)})
+    assert queue.waiting == ["f", "g"]
+    assert [queue.next()["key"] for _ in range(2)] == ["at", "f"]
+    assert params[0]["fork"] == {"parent": "done", "epochs": 2} and queue.waiting == ["g"]
+    assert queue.next() is None
 
 
 @pytest.mark.slow

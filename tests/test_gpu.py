@@ -11,10 +11,12 @@ import torch
 from conftest import tiny_trial
 
 from ablation.config import from_dict
-from ablation.data import Data, dataset_info
+from ablation.data import Data
+from ablation.datasets import dataset_info
 from ablation.device import eval_bytes_per_image, eval_batch_size, resolve_device
 from ablation.errors import ConfigError
-from ablation.trainer import Reporter, Trainer, build_trial_model
+from ablation.models import build_trial_model
+from ablation.trainer import Reporter, Trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -196,11 +196,16 @@ def test_stats_must_match_channels() -> None:
 
 
 def test_config_names_every_registered_model_method_and_intervention():
-    # config keeps torch-free name lists (a fast CLI); the registries hold the builders.
-    from ablation import config
-    from ablation.interventions import INTERVENTIONS
+    # config keeps torch-free name lists (a fast CLI); the registries hold the builders. Every
+    # described method and intervention has a class that carries it out.
+    from ablation import config, strategies
+    from ablation.interventions import build_intervention
     from ablation.methods import METHODS
 
     assert set(config.MODELS) == set(MODELS)
-    assert set(config.METHODS) == set(METHODS)
-    assert set(config.INTERVENTIONS) == set(INTERVENTIONS)
+    assert set(config.METHODS) == set(METHODS) == set(strategies.METHODS)
+    assert config.INTERVENTIONS == tuple(strategies.INTERVENTIONS)
+    model = build_model("preact_small", num_classes=10)
+    for name, d in strategies.INTERVENTIONS.items():
+        trial = config.from_dict({"intervention": name, "layers": [4] if d.layer_wise else []})
+        build_intervention(model, trial)

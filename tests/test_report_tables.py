@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ablation.errors import AblateError
-from ablation.report import Run, load_run
+from ablation.report import RunData, load_run
 from ablation.layers import ALL_SUBSETS as SUBSETS
 from ablation.report.effects import effects_table as effects, fit_effects, holm
 from ablation.report.tables import (TABLES, ablation_table as ablation,
@@ -155,7 +155,7 @@ def test_pgd_header_names_the_steps_the_trials_used(seeds_run: Path) -> None:
     # Trials that differ in test_steps: never averaged together, a column says which is which.
     curves = run.curves.copy()
     curves.loc[curves.seed == 0, "test_steps"] = 10
-    table = best_last(Run(run.root, run.name, "", curves, run.summary))
+    table = best_last(RunData(run.root, run.name, "", curves, run.summary))
     assert "PGD Best" in table.display and "PGD-2 Best" not in table.display
     assert sorted(zip(table.display.Method, table.display["PGD steps"])) == [
         ("AT", "10"), ("AT", "2"), ("RAT_LR", "10"), ("RAT_LR", "2")]
@@ -193,8 +193,8 @@ def test_partial_run_marked(tmp_path: Path) -> None:
 TRUTH = {"mean": 5.0, "layer 4": 3.0, "layer 3": 1.0, "layer 3 x layer 4": -4.0}
 
 
-def _synthetic_run(subsets: list[tuple[int, ...]], seeds: int = 3, sd: float = 0.1) -> Run:
-    """A Run whose trials have PGD Diff = 2 + 5[4 in S] + 3[3 in S] - 4[3,4 in S] + noise."""
+def _synthetic_run(subsets: list[tuple[int, ...]], seeds: int = 3, sd: float = 0.1) -> RunData:
+    """A RunData whose trials have PGD Diff = 2 + 5[4 in S] + 3[3 in S] - 4[3,4 in S] + noise."""
     rng = np.random.default_rng(0)
     rows = []
     for subset, seed in itertools.product(subsets, range(seeds)):
@@ -212,7 +212,7 @@ def _synthetic_run(subsets: list[tuple[int, ...]], seeds: int = 3, sd: float = 0
     from ablation.report import label
     curves["label"] = [label(m, i, l) for m, i, l in
                        zip(curves.method, curves.intervention, curves.layers)]
-    return Run(root=Path("."), name="synthetic", description="", curves=curves,
+    return RunData(root=Path("."), name="synthetic", description="", curves=curves,
                summary=pd.DataFrame())
 
 

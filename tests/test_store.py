@@ -1,15 +1,18 @@
-"""The run folder: a summary table derived from the trial folders."""
+"""The run folder: a summary table derived from the trial folders; what each trial receives."""
 
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import run_sweep_in_process, tiny_trial
 
+from ablation.config import from_dict
 from ablation.errors import AblateError
+from ablation.fork import Fork, ForkWaits
 from ablation.grid import sweep_from_dict
 from ablation.report import load_run
-from ablation.store import RunDir, plan
+from ablation.store import RunDir, plan, trial_params
 
 
 def small_sweep():
@@ -43,3 +46,21 @@ def test_a_corrupt_trial_summary_is_one_line_naming_it(tmp_path):
     with pytest.raises(AblateError, match=re.escape(str(victim))) as err:
         RunDir.attach(root).rebuild_summaries()
     assert "\n" not in str(err.value)
+
+
+def test_trial_params_carry_the_forks_and_fork_points_and_an_absolute_data_root(tmp_path):
+    sweep = sweep_from_dict({**small_sweep(), "base": {**small_sweep()["base"],
+                                                       "data_root": "data"}}, source="small")
+    (child,) = [k for k, c in sweep.by_key.items() if c.intervention == "fix_lr"]
+    (parent,) = [k for k, c in sweep.by_key.items() if c.intervention == "none"]
+    run = RunDir(tmp_path / "run")
+    waits = ForkWaits(waiting={child: Fork(parent, 1)}, ready=frozenset(),
+                      points={parent: (1,)})
+    params = {p["key"]: p for p in trial_params(run, sweep.by_key, 3, 8, waits)}
+    assert params[child]["fork"] == {"parent": parent, "epochs": 1}
+    assert params[parent]["fork"] is None
+    assert (params[parent]["fork_points"], params[child]["fork_points"]) == ([1], [])
+    for key, p in params.items():
+        assert (p["run"], p["threads"], p["autoattack"]) == (str(run.root), 3, 8)
+        assert p["config"]["data_root"] == str(Path("data").resolve())
+        assert from_dict(p["config"]).key == key  # the same trial: data_root is not in the key

@@ -62,10 +62,10 @@ def test_tiny_sweep_through_ray_fills_the_store_row_by_row(tmp_path):
     done = ablate("run", sweep, "--storage", run, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     curves = stored(run)
-    spec = load_sweep(sweep)
-    assert sorted(curves.key.unique()) == sorted(spec.by_key)
+    trials = load_sweep(sweep).by_key
+    assert sorted(curves.key.unique()) == sorted(trials)
     assert not curves.duplicated(["key", "epoch"]).any()
-    for key, config in spec.by_key.items():
+    for key, config in trials.items():
         mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
         for field, value in config.columns().items():  # every identifying field, every row
             assert (mine[field] == value).all(), field
@@ -73,7 +73,7 @@ def test_tiny_sweep_through_ray_fills_the_store_row_by_row(tmp_path):
         pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),
                                       ref.drop(columns=TIMING), check_exact=True)
     summary = pd.read_parquet(run / "summary.parquet")
-    assert sorted(summary.key) == sorted(spec.by_key)
+    assert sorted(summary.key) == sorted(trials)
     status = ablate("status", run)
     assert status.returncode == 0 and status.stdout.strip().endswith("2 trials: all done")
     again = ablate("run", sweep, "--storage", run, "--quiet")
@@ -160,9 +160,9 @@ def test_sigkill_of_the_driver_around_a_fork_point_loses_and_repeats_nothing(tmp
     its trial trained alone from scratch, and the fork trains only its own epochs."""
     sweep = write_sweep(tmp_path / "s.yaml", epochs=6, layers=([3, 4],))
     run = tmp_path / "run"
-    spec = load_sweep(sweep)
-    (child,) = [k for k, c in spec.by_key.items() if c.intervention == "fix_lr"]
-    (parent,) = [k for k, c in spec.by_key.items() if c.intervention == "none"]
+    trials = load_sweep(sweep).by_key
+    (child,) = [k for k, c in trials.items() if c.intervention == "fix_lr"]
+    (parent,) = [k for k, c in trials.items() if c.intervention == "none"]
     proc = subprocess.Popen([sys.executable, "-m", "ablation", "run", str(sweep), "--storage",
                              str(run), "--quiet", "--max-concurrent", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,7 +179,7 @@ def test_sigkill_of_the_driver_around_a_fork_point_loses_and_repeats_nothing(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     curves = stored(run)
     assert len(curves) == 12 and not curves.duplicated(["key", "epoch"]).any()
-    for key, config in spec.by_key.items():
+    for key, config in trials.items():
         mine = curves[curves.key == key].sort_values("epoch").reset_index(drop=True)
         ref = reference_curves(config, tmp_path)
         pd.testing.assert_frame_equal(mine[ref.columns].drop(columns=TIMING),

@@ -14,7 +14,8 @@ from ablation.errors import ConfigError, DataError, TrainingDiverged
 from ablation.models import group_names
 from ablation.curves import best_last
 from ablation.schedule import learning_rate, schedule_time
-from ablation.trainer import Reporter, Trainer, load_best
+from ablation.checkpoint import load_best
+from ablation.trainer import Reporter, Trainer
 
 TIMING = ("train_seconds", "eval_seconds")
 
@@ -260,7 +261,7 @@ def test_channels_last_changes_speed_not_the_networks_numbers(tmp_path):
     # step is not compared: PGD's sign() turns rounding into different examples.)
     plain = Trainer(from_dict(tiny_trial(epochs=1)), tmp_path / "a")
     fast = Trainer(from_dict(tiny_trial(epochs=1, channels_last=True)), tmp_path / "b")
-    x, y = plain._batch(plain.data.train_x[:64]), plain.data.train_y[:64]
+    x, y = plain.batch(plain.data.train_x[:64]), plain.data.train_y[:64]
     grads = []
     for trainer in (plain, fast):
         trainer.model.train()

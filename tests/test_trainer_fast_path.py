@@ -14,7 +14,8 @@ from conftest import tiny_trial
 
 from ablation.config import from_dict
 from ablation.interventions import build_intervention
-from ablation.trainer import Reporter, Trainer, build_trial_model
+from ablation.models import build_trial_model
+from ablation.trainer import Reporter, Trainer
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -84,16 +85,18 @@ def test_optimizer_state_moves_between_fused_and_plain_sgd(tmp_path, writer_fuse
 
 
 def test_a_resumed_trainer_keeps_its_own_devices_sgd_flags(tmp_path):
-    # A checkpoint's param groups carry the writer's fused flag; loading one written by a fused
-    # (CUDA) SGD must not turn this CPU trainer's SGD fused, nor lose the momentum buffers.
+    # A state written by a fused (CUDA) SGD restores into this CPU trainer's own SGD: its groups
+    # keep this device's flags, and the momentum buffers arrive by parameter name.
+    from ablation.checkpoint import restore, state_of
+
     cfg = from_dict(tiny_trial(epochs=1, **FIX_LR))
     trainer = Trainer(cfg, tmp_path)
     writer = fix_lr_sgd(trainer.model, cfg, True)
     step_all([writer], steps=2, seed=4)
-    trainer.model.load_state_dict(writer[0].state_dict())
-    trainer.optimizer.load_state_dict(copy.deepcopy(writer[1].state_dict()))  # as from a file
+    state = state_of(cfg, writer[0], writer[1], [], 0, torch.device("cpu"))
+    restore(copy.deepcopy(state), trainer.model, trainer.optimizer, torch.device("cpu"))
     assert [g["fused"] for g in trainer.optimizer.param_groups] == [None, None]
-    assert [g["lr"] for g in trainer.optimizer.param_groups] == [cfg.lr_max * 0.1, cfg.lr_max]
+    trainer.optimizer.param_groups[0]["lr"] = cfg.lr_max * 0.1  # as train_epoch sets it
     step_all([writer, (trainer.model, trainer.optimizer)], steps=1, seed=5)
     assert_same_weights_and_momentum(writer, (trainer.model, trainer.optimizer))
 
@@ -172,7 +175,7 @@ def test_a_compiled_trial_computes_the_eager_loss_and_gradients_at_every_step(tm
     eager.load_state_dict(trainer.model.state_dict())
     trainer.model.eval()
     with torch.no_grad():  # evaluation's forward: eval mode, the short test batch included
-        x = trainer._batch(trainer.data.test_x)
+        x = trainer.batch(trainer.data.test_x)
         torch.testing.assert_close(trainer.model(x[:100]), eager.eval()(x[:100]),
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(trainer.model(x[200:]), eager(x[200:]), rtol=1e-4, atol=1e-5)
@@ -248,7 +251,8 @@ def test_channels_last_trains_on_channels_last_batches(tmp_path, monkeypatch):
 
 
 def _cifar_shaped(n=128):
-    from ablation.data import Data, dataset_info
+    from ablation.data import Data
+    from ablation.datasets import dataset_info
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)

@@ -1,17 +1,15 @@
-"""The Ray driver of ``ablate run`` as the user meets it: a wrong address, a refused token, a
-cluster too small, a full disk, Ctrl-C and SIGTERM, a second driver, what a local Ray listens on,
-the device a trial is given, and failures that a retry cannot fix. Each failure is one line with
-its exit status, in seconds; each interruption resumes."""
+"""The Ray driver of ``ablate run`` as the user meets it: what pending trials wait for, a full
+disk, Ctrl-C and SIGTERM, a second driver, the searcher over the fork queue, and failures that a
+retry cannot fix. Each failure is one line with its exit status, in seconds; each interruption
+resumes. Joining Ray and a cluster too small: tests/test_cluster.py."""
 
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pandas as pd
@@ -19,120 +17,17 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_trial
+from test_cluster import one_error_line, timed
 from test_sweep import TIMING, ablate, reference_curves, stored, write_sweep
 
-from ablation.errors import ConfigError
 from ablation.grid import load_sweep
 from ablation.store import DriverLock, RunDir
-from ablation.tune import parse_address
 
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-TOKEN = "0123456789abcdef0123456789abcdef"  # the test cluster's token (RAY_AUTH_TOKEN)
 INTERRUPTED = "interrupted; run the same command again to resume"
 STOPPED = "stopped by SIGTERM; run the same command again to resume"
 
 
-def one_error_line(done, status):
-    """The run ended with ``status`` and one error line, last, and no traceback."""
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == status, done.stderr[-3000:]
-    assert lines and lines[-1].startswith("error: "), done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return lines[-1]
-
-
-def timed(*args, **kwargs):
-    start = time.monotonic()
-    done = ablate(*args, **kwargs)
-    return done, time.monotonic() - start
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree(marker):
-    """End the processes whose command line holds ``marker`` (a folder this test made), by pid:
-    `ray stop` would end every Ray on the machine."""
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A `ray start --head` with token auth and no CPU (nothing can run on it), in a private
-    temp dir (short: Ray's socket paths must fit 107 characters): its address."""
-    temp = tempfile.mkdtemp(prefix="ablray", dir="/tmp")
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    started = subprocess.run([*RAY, "start", "--head", f"--port={port}", "--num-cpus=0",
-                              f"--temp-dir={temp}", "--include-dashboard=false",
-                              "--disable-usage-stats"],
-                             capture_output=True, text=True, env=env, timeout=120)
-    try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
-    finally:
-        kill_tree(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-# --- A: a wrong or unreachable address, a cluster or machine too small -------------------------
-
-
-@pytest.mark.parametrize("address", ["auto", "head:6379", "10.0.0.1:1", "[::1]:6379"])
-def test_addresses_that_parse(address):
-    assert parse_address(address) in (None, ("head", 6379), ("10.0.0.1", 1), ("::1", 6379))
-
-
-@pytest.mark.parametrize("address", ["host:port:x", ":abc", "head", "head:0", "head:70000",
-                                     "::1:6379", "ray://head:10001", "http://head:8265"])
-def test_malformed_addresses_are_a_config_error_naming_them(address):
-    with pytest.raises(ConfigError, match=re.escape(repr(address))):
-        parse_address(address)
-
-
-def test_a_malformed_address_is_one_line_and_status_2(tmp_path, address="host:port:x"):
-    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
-                          "--address", address, "--quiet")
-    assert one_error_line(done, 2).startswith(f"error: --address {address!r}: expected")
-    assert len(done.stderr.strip().splitlines()) == 1 and seconds < 30
-    assert not (tmp_path / "run" / "sweep.json").exists()  # refused before the folder
-
-
-def test_an_address_where_nothing_listens_is_one_line_in_seconds(tmp_path):
-    # Ray itself retries such an address for many minutes (measured: over 5).
-    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
-                          "--address", f"127.0.0.1:{free_port()}", "--quiet")
-    assert "nothing listens there" in one_error_line(done, 2), done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and seconds < 30
-
-
-def test_more_cpus_per_trial_than_the_machine_has_is_one_line_at_once(tmp_path):
-    # Tune would wait forever (it only warns, every minute, that the cluster may be autoscaling).
-    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
-                          "--cpus-per-trial", 1000, "--quiet")
-    line = one_error_line(done, 2)
-    assert "a trial asks for {CPU: 1000} but this machine's Ray has {CPU: " in line, line
-    assert seconds < 60
-
-
-@pytest.mark.slow
-def test_gpus_per_trial_on_a_cluster_without_any_is_one_line_within_a_minute(tmp_path, cluster):
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    done, seconds = timed("run", write_sweep(tmp_path / "s.yaml"), "--storage", tmp_path / "run",
-                          "--address", cluster, "--gpus-per-trial", 1, "--quiet", env=env)
-    line = one_error_line(done, 2)
-    assert f"no node of the Ray cluster at {cluster} can hold a trial's {{CPU: 1, GPU: 1}}" \
-        in line and "the most one has: {CPU: 0, GPU: 0}" in line, line
-    assert seconds < 60
+# --- what pending trials wait for ----------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -177,26 +72,8 @@ def dead_pid():
     return child.pid
 
 
-# --- B: a cluster that wants a token ------------------------------------------------------------
 
-
-def test_joining_a_token_cluster_without_the_token_says_which_variables_to_set(tmp_path,
-                                                                               cluster):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    cmd = [sys.executable, "-m", "ablation", "run", str(write_sweep(tmp_path / "s.yaml")),
-           "--storage", str(tmp_path / "run"), "--address", cluster, "--quiet"]
-    start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    line = one_error_line(done, 2)
-    assert "requires token authentication; set RAY_AUTH_MODE=token and its token in " \
-           "RAY_AUTH_TOKEN or ~/.ray/auth_token" in line, line
-    assert len(done.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
-    wrong = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                           env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32})
-    assert "refused this machine's token; set RAY_AUTH_TOKEN" in one_error_line(wrong, 2)
-
-
-# --- C: a full disk ---------------------------------------------------------------------------
+# --- a full disk ---------------------------------------------------------------------------
 
 FULL_DISK = """
 import errno, sys
@@ -277,7 +154,7 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_completes(tmp_path):
         subprocess.run(["umount", "-l", str(mount)])
 
 
-# --- D: Ctrl-C and SIGTERM ---------------------------------------------------------------------
+# --- Ctrl-C and SIGTERM ---------------------------------------------------------------------
 
 
 def interrupt(sweep, run, ready, signum=signal.SIGINT, group=True):
@@ -364,7 +241,7 @@ def test_sigterm_before_ray_starts_is_the_same_line(tmp_path):
     assert (done.returncode, done.stderr) == (143, STOPPED + "\n"), done.stderr[-3000:]
 
 
-# --- E: one driver per run folder -------------------------------------------------------------
+# --- one driver per run folder -------------------------------------------------------------
 
 HOLD = """
 import sys, time
@@ -413,102 +290,48 @@ def test_two_real_drivers_on_one_folder_the_second_is_refused(tmp_path):
     assert ablate("status", run).stdout.strip().endswith("2 trials: all done")
 
 
-# --- F: what a local Ray listens on -------------------------------------------------------------
-
-LISTENERS = """
-import json, os, subprocess, sys
-from ablation.tune import ray_cluster
-
-with ray_cluster(None):
-    import ray
-
-    @ray.remote
-    def pid():
-        return os.getpid()
-
-    ray.get([pid.remote() for _ in range(2)])  # a worker or two listen too
-    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    links = [tuple(map(int, line.split())) for line in table.splitlines()]
-    mine, grown = {os.getpid()}, True
-    while grown:
-        new = {p for p, pp in links if pp in mine} - mine
-        mine |= new
-        grown = bool(new)
-    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    print(json.dumps([line.split()[3] for line in ss.splitlines()
-                      if any(f"pid={p}," in line for p in mine)]))
-"""
 
 
-@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
-def test_a_local_ray_listens_on_the_loopback_interface_only_and_its_token_is_private(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    done = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True,
-                          timeout=120, env={**env, "HOME": str(home)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    listening = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(listening) >= 3, listening  # GCS, raylet, this driver, workers...
-    for address in listening:
-        assert address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), \
-            listening
-    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+# --- trials that wait for their baseline's fork file -------------------------------------------
 
 
 def test_forks_wait_for_their_baselines_file_and_the_status_line_counts_them():
-    """Forks waiting for their baseline are no Tune trials yet: the searcher holds them until the
-    baseline reports its fork file, and the waiting line counts them meanwhile."""
-    from ablation.fork import Fork
+    """Forks waiting for their baseline are no Tune trials yet: the searcher hands out what the
+    fork queue gives (tests/test_fork.py), tells it what Tune's flattened results report, and the
+    waiting line counts the held forks meanwhile."""
+    from ray.tune.search import Searcher
+
+    from ablation.fork import Fork, ForkQueue
     from ablation.tune import WaitWatch, make_searcher
 
     watch = WaitWatch({"CPU": 1.0}, None)
     assert not watch.update([], force=True) and watch.line is None
-    params = [{"key": k, "fork": None} for k in ("at", "f1", "f2")]
-    forks = {"f1": Fork("at", 2), "f2": Fork("at", 2)}
-    watch.searcher = make_searcher(params, forks, ready=set())
+    params = [{"key": k, "fork": None} for k in ("f1", "f2", "at")]
+    watch.queue = ForkQueue(params, {"f1": Fork("at", 2), "f2": Fork("at", 2)})
+    searcher = make_searcher(watch.queue)
     assert watch.update([], force=True)
     assert watch.line == "2 trial(s) wait for their baseline's fork checkpoint"
-    assert watch.searcher.suggest("t1") == {"trial": params[0]}  # the baseline first
-    assert watch.searcher.suggest("t2") is None  # the forks wait for its file
-    watch.searcher.on_trial_result("t1", {"row/epoch": 1, "forks": [2]})  # epoch 1 done: file
-    assert [watch.searcher.suggest(t)["trial"]["key"] for t in ("t3", "t4")] == ["f1", "f2"]
-    assert watch.searcher.suggest("t5") == "FINISHED"
+    assert searcher.suggest("t1") == {"trial": params[2]}  # the baseline first
+    assert searcher.suggest("t2") is None  # the forks wait for its file
+    searcher.on_trial_result("t1", {"row/epoch": 1, "forks": [2]})  # epoch 1 done: file
+    assert [searcher.suggest(t)["trial"]["key"] for t in ("t3", "t4")] == ["f1", "f2"]
+    assert searcher.suggest("t5") == Searcher.FINISHED
     assert watch.update([], force=True) and watch.line is None
 
 
-def test_a_fork_whose_file_cannot_come_is_handed_out_to_train_from_scratch():
-    """The baseline went past the fork point without writing the file (it ran under --no-fork
-    before), or it ended: its fork trains from its first epoch instead of waiting forever."""
-    from ablation.fork import Fork
+def test_a_fork_whose_baseline_ends_is_handed_out_by_the_searcher_to_train_from_scratch():
+    from ablation.fork import Fork, ForkQueue
     from ablation.tune import make_searcher
 
     params = [{"key": k, "fork": {"parent": "at", "epochs": 2} if k == "f" else None}
               for k in ("at", "f")]
-    searcher = make_searcher(params, {"f": Fork("at", 2)}, ready=set())
+    searcher = make_searcher(ForkQueue(params, {"f": Fork("at", 2)}))
     assert searcher.suggest("t1")["trial"]["key"] == "at" and searcher.suggest("t2") is None
-    searcher.on_trial_result("t1", {"row/epoch": 2, "forks": []})  # past epoch 2, no file
-    assert searcher.suggest("t3") == {"trial": {"key": "f", "fork": None}}
-    searcher = make_searcher(params, {"f": Fork("at", 2)}, ready=set())
-    searcher.suggest("t1")
     searcher.on_trial_complete("t1", error=True)
-    assert searcher.suggest("t2")["trial"]["fork"] is None
+    assert searcher.suggest("t3") == {"trial": {"key": "f", "fork": None}}
 
 
-# --- G: where a trial trains, and failures that a retry cannot fix ------------------------------
-
-
-def test_a_trial_given_no_gpu_trains_on_the_cpu_and_one_that_asks_for_cuda_is_refused():
-    from ablation.tune import trial_device
-
-    assert trial_device("auto", []) == "cpu"  # Ray 2.60 leaves the GPUs visible to such a trial
-    assert trial_device("cpu", []) == trial_device("cpu", [0]) == "cpu"
-    assert trial_device("auto", [0]) == "auto"  # its own GPU, as cuda:0
-    assert trial_device("cuda", ["0"]) == "cuda"
-    for device in ("cuda", "cuda:1"):
-        with pytest.raises(ConfigError, match=rf"key 'device': {device!r} asks for a GPU, but "
-                                              "Ray gave this trial none; pass --gpus-per-trial"):
-            trial_device(device, [])
+# --- where a trial trains, and failures that a retry cannot fix ------------------------------
 
 
 def status_states(run):
@@ -563,3 +386,4 @@ def test_a_trial_given_a_gpu_keeps_its_device_field(tmp_path):
     (key,) = load_sweep(sweep).by_key
     assert (run / "trials" / key / "error.txt").read_text() == (
         f"trial {key}: key 'device': 'cuda' asked for, but CUDA is not available here\n")
+

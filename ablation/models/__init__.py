@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from ..config import TrialConfig
+from ..datasets import DatasetInfo
 from ..layers import GROUPS
 from .common import Normalize
 from .dla import dla
@@ -14,7 +16,8 @@ from .preact import preact18, preact34, preact_small
 from .vgg import vgg16
 from .wrn import wrn34_10
 
-__all__ = ["MODELS", "Normalize", "build_model", "group_names", "ungrouped_names"]
+__all__ = ["MODELS", "Normalize", "build_model", "build_trial_model", "group_names",
+           "ungrouped_names"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "preact18": preact18,
@@ -47,6 +50,15 @@ def build_model(
     if name == "preact_small":
         kwargs.update(width=width, blocks=blocks)
     return MODELS[name](**kwargs)
+
+
+def build_trial_model(config: TrialConfig, info: DatasetInfo) -> nn.Module:
+    """The trial's network for a dataset, normalising inside its forward unless the method's
+    authors feed raw pixels (TRADES, docs/method.md B §1.2)."""
+    return build_model(
+        config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+        mean=info.mean if config.normalize else None, std=info.std if config.normalize else None,
+        width=config.width, blocks=config.blocks)
 
 
 def group_names(model: nn.Module, layers: Iterable[int]) -> list[str]:

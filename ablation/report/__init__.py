@@ -13,18 +13,18 @@ import pandas as pd
 
 from .. import files
 from ..errors import AblateError
+from ..strategies import METHODS, method_label
 
 # The columns that tell trials apart in a report; a figure or table is made per combination of
 # SETTING columns, and curves within it differ by intervention and layers.
 SETTING = ["dataset", "threat", "model", "method"]
-METHOD_NAMES = {"at": "AT", "trades": "TRADES"}
 # How figures and tables write the other SETTING values (a value not listed is shown as it is).
 DISPLAY_NAMES = {
     "dataset": {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"},
     "threat": {"linf": "L∞", "l2": "L2"},
     "model": {"preact18": "PreAct ResNet-18", "preact34": "PreAct ResNet-34",
               "wrn34_10": "WRN-34-10", "vgg16": "VGG-16", "dpn26": "DPN-26", "dla": "DLA"},
-    "method": METHOD_NAMES,
+    "method": {name: m.display for name, m in METHODS.items()},
 }
 
 
@@ -34,7 +34,7 @@ def display_name(column: str, value: str) -> str:
 
 
 @dataclass(frozen=True)
-class Run:
+class RunData:
     """A run folder's data: per-epoch curves, per-trial summaries, and which trials are done."""
 
     root: Path
@@ -50,7 +50,7 @@ class Run:
 
 def label(method: str, intervention: str, layers: str) -> str:
     """The paper's name of a setting: AT, AWP, AT_fix_lr_[3, 4], TRADES_awp_[4], ..."""
-    name = METHOD_NAMES.get(method, method.upper())
+    name = method_label(method)
     if intervention == "none":
         return name
     if intervention == "awp_full":
@@ -66,7 +66,7 @@ def _with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def load_run(location: str | Path) -> Run:
+def load_run(location: str | Path) -> RunData:
     """Read a run folder (a path, or a URI whose store is pulled first); a clear one-line error
     if it is not one or holds no curves yet."""
     from ..store import RunDir
@@ -87,5 +87,5 @@ def load_run(location: str | Path) -> Run:
     summary = folder.rebuild_summaries(write=False, fetch=False)  # open() pulled it
     if summary.empty:
         summary = pd.DataFrame(columns=["key", *SETTING, "intervention", "layers", "seed"])
-    return Run(root=root, name=stored["name"], description=stored.get("description", ""),
+    return RunData(root=root, name=stored["name"], description=stored.get("description", ""),
                curves=_with_labels(curves), summary=_with_labels(summary))

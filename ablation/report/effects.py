@@ -18,8 +18,8 @@ import pandas as pd
 
 from .. import layers
 from ..errors import AblateError
-from ..layers import LAYER_WISE
-from . import METHOD_NAMES, SETTING, Run
+from ..strategies import layer_wise, method_label
+from . import SETTING, RunData
 from .numbers import (DASH, ID_COLUMNS, RUNNING, STEPS, Table, fmt, per_trial, pgd_title,
                       pretty_setting)
 
@@ -96,7 +96,7 @@ def fit_effects(subsets: list[tuple[int, ...]], y: np.ndarray, level: float = 0.
                          "df": df})
 
 
-def effects_table(run: Run, response: str = "diff") -> Table:
+def effects_table(run: RunData, response: str = "diff") -> Table:
     """Layer effects on robust overfitting (``response="diff"``) or on Best (``"best"``).
 
     Per setting and per intervention (fix_param, fix_lr, awp), the 15 layer subsets plus the
@@ -132,7 +132,7 @@ def effects_table(run: Run, response: str = "diff") -> Table:
                      f"; a fit mixes them only where one setting's trials do.")
     for setting, group in trials.groupby(SETTING, sort=True):
         base = group[group.intervention == "none"]
-        for iv in LAYER_WISE:
+        for iv in layer_wise():
             cells = group[group.intervention == iv]
             if cells.empty:
                 continue
@@ -174,7 +174,7 @@ def _effects_display(numbers: pd.DataFrame, notes: list[str], response: str, pgd
     shown = pretty_setting(numbers)  # paper names on screen, raw values in the CSV
     display = pd.DataFrame({title: shown[col].astype(str)
                             for col, title in ID_COLUMNS.items()})
-    display["Method"] = [f"{METHOD_NAMES.get(m, m.upper())}_{iv}"
+    display["Method"] = [f"{method_label(m)}_{iv}"
                          for m, iv in zip(numbers.method, numbers.intervention)]
     display["Method"] = [f"{v}{RUNNING}" if not done else v
                          for v, done in zip(display.Method, numbers.complete)]

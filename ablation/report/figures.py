@@ -36,8 +36,8 @@ from matplotlib.ticker import MaxNLocator
 from .. import layers
 from ..errors import AblateError
 from ..io import atomic_path
-from ..layers import LAYER_WISE
-from . import SETTING, Run, display_name, label
+from .. import strategies
+from . import SETTING, RunData, display_name, label
 
 # The paper's panels (Figures 2(a), 3(a), 4(a)) and the heatmap's rows, as ``layers`` strings of
 # the curves table.
@@ -117,7 +117,7 @@ def _stem(kind: str, values: dict[str, str], suffix: str = "") -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", p) for p in parts)
 
 
-def _settings(run: Run) -> Iterator[tuple[dict[str, str], pd.DataFrame]]:
+def _settings(run: RunData) -> Iterator[tuple[dict[str, str], pd.DataFrame]]:
     """Each combination of SETTING values present, in sorted order, with its curve rows."""
     for values, rows in run.curves.groupby(SETTING, sort=True):
         yield dict(zip(SETTING, values)), rows
@@ -188,10 +188,6 @@ def _styled(build: Callable[..., list[tuple[str, Figure]]]):
     return wrapper
 
 
-# The baseline each grid draws in every panel. Figures 2(a) and 3(a) draw standard AT
-# ("AT_standard"); Figure 4(a) draws AWP on all layers ("AT_awp_standard"), so the layer-wise AWP
-# subsets are compared with full AWP, not with plain AT.
-GRID_BASELINE = {"fix_param": "none", "fix_lr": "none", "awp": "awp_full"}
 PANEL_HEIGHT = {"column": 1.45, "full": 1.75}  # inches of plotting area per row of panels
 
 
@@ -202,12 +198,13 @@ def _legend_below(ax) -> None:
 
 
 @_styled
-def intervention_grid(run: Run, intervention: str, metric: str = "test_robust_acc",
+def intervention_grid(run: RunData, intervention: str, metric: str = "test_robust_acc",
                       size: str = DEFAULT_SIZE,
                       ylim: tuple[float, float] | None = None) -> list[tuple[str, Figure]]:
     """Figures 2(a)/3(a)/4(a): ``metric`` vs epoch in 4 panels (singles, pairs with layer 1,
     other pairs, triples + all four), each with the paper's baseline for that grid
-    (:data:`GRID_BASELINE`: AT or TRADES for fix_param and fix_lr, full AWP for awp).
+    (its description's ``grid_baseline``: AT or TRADES for fix_param and fix_lr, full AWP for
+    awp, as the paper's Figure 4(a) compares layer-wise AWP with AWP on all layers).
 
     One row of four panels at ``size`` "full", two rows of two at "column"; ``ylim`` (in the
     metric's plot units: percent for accuracies) fixes the shared y range. Legend order in each
@@ -215,9 +212,10 @@ def intervention_grid(run: Run, intervention: str, metric: str = "test_robust_ac
     subset's colour is fixed by its position in that list (so it never shifts when a trial is
     missing). Settings without any ``intervention`` trial give no figure.
     """
-    if intervention not in LAYER_WISE:
+    if intervention not in strategies.layer_wise():
         raise ValueError(f"no figure grid for intervention {intervention!r}")  # a caller's bug
     figures = []
+    base = strategies.intervention(intervention).grid_baseline
     for values, rows in _settings(run):
         chosen = rows[rows.intervention == intervention]
         if chosen.empty:
@@ -225,7 +223,7 @@ def intervention_grid(run: Run, intervention: str, metric: str = "test_robust_ac
         curves = _curves(chosen, metric)
         by_layers = {layers: curves[name] for layers, name in
                      chosen.groupby("layers").label.first().items()}
-        base_rows = rows[rows.intervention == GRID_BASELINE[intervention]]
+        base_rows = rows[rows.intervention == base]
         baseline = _curves(base_rows, metric) if not base_rows.empty else {}
         columns = 4 if size == "full" else 2
         grid_rows = len(PANELS) // columns
@@ -252,8 +250,7 @@ def intervention_grid(run: Run, intervention: str, metric: str = "test_robust_ac
         partial = not chosen.complete.all() or not base_rows.complete.all()
         parts = [_setting_title(values), intervention]
         if not baseline:
-            parts.append(f"no {label(values['method'], GRID_BASELINE[intervention], '')} "
-                         "baseline in this run")
+            parts.append(f"no {label(values['method'], base, '')} baseline in this run")
         parts += _seeds_note([*curves.values(), *baseline.values()])
         _suptitle(fig, parts + ([RUNNING_NOTE] if partial else []), size)
         suffix = "" if metric == "test_robust_acc" else metric
@@ -295,7 +292,7 @@ TRAIN_SOURCE = {"train_eval_robust_acc": "eval mode, fixed train subset",
 
 
 @_styled
-def gap_figure(run: Run, labels: list[str] | None = None,
+def gap_figure(run: RunData, labels: list[str] | None = None,
                size: str = DEFAULT_SIZE) -> list[tuple[str, Figure]]:
     """Figures 3(b,c)/4(b,c): train (dashed) and test (solid) accuracy, robust and natural in
     separate panels, one colour per setting; Figure 4(c)'s panels add the robust generalisation
@@ -410,7 +407,7 @@ def _mean_curve_best_last(curve: Curve) -> tuple[float, float]:
 
 
 @_styled
-def heatmap(run: Run, size: str = DEFAULT_SIZE) -> list[tuple[str, Figure]]:
+def heatmap(run: RunData, size: str = DEFAULT_SIZE) -> list[tuple[str, Figure]]:
     """The whole study at a glance: rows the 15 layer subsets, columns the interventions present.
 
     Colour: Diff = Best − Last test robust accuracy (percentage points, >= 0, the tables' sign;
@@ -423,7 +420,7 @@ def heatmap(run: Run, size: str = DEFAULT_SIZE) -> list[tuple[str, Figure]]:
     """
     figures = []
     for values, rows in _settings(run):
-        present = [i for i in LAYER_WISE if (rows.intervention == i).any()]
+        present = [i for i in strategies.layer_wise() if (rows.intervention == i).any()]
         if not present:
             continue
         best = np.full((len(SUBSETS), len(present)), np.nan)
@@ -496,7 +493,7 @@ class FigureOptions:
 class FigureKind:
     """A figure name's builder: (run, options) -> [(file stem, figure)]."""
 
-    build: Callable[[Run, FigureOptions], list[tuple[str, Figure]]]
+    build: Callable[[RunData, FigureOptions], list[tuple[str, Figure]]]
     what: str  # one line for the README and --help
 
 
@@ -511,7 +508,7 @@ FIGURES: dict[str, FigureKind] = {
 }
 
 
-def write_figures(run: Run, names: Iterable[str], out: Path, metric: str = "test_robust_acc",
+def write_figures(run: RunData, names: Iterable[str], out: Path, metric: str = "test_robust_acc",
                   settings: Iterable[str] = (), size: str = DEFAULT_SIZE,
                   ylim: tuple[float, float] | None = None) -> list[Path]:
     """Save the named figures (names of ``FIGURES``, checked by the caller; each setting's) as

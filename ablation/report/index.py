@@ -11,7 +11,7 @@ import pandas as pd
 
 from .. import __version__, files
 from ..io import atomic_path
-from . import Run
+from . import RunData
 from .tables import WrittenTable
 from .writers import html_table
 
@@ -26,9 +26,9 @@ _STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:
           "td.id{text-align:left}.fn{font-size:0.85em;margin:0.2em 0}.note{color:#a40}")
 
 
-def trial_states(run: Run) -> dict[str, int]:
+def trial_states(run: RunData) -> dict[str, int]:
     """How many trials are done, running, interrupted, errored or pending (``ablate status``'s
-    count); for a Run without a run folder, done / running from its curves alone."""
+    count); for data without a run folder, done / running from its curves alone."""
     from ..store import RunDir, status_table
 
     if (Path(run.root) / files.SWEEP).exists():
@@ -40,7 +40,7 @@ def trial_states(run: Run) -> dict[str, int]:
     return {s: int(counts[s]) for s in STATES if counts.get(s, 0)}
 
 
-def _provenance(run: Run) -> list[tuple[str, str]]:
+def _provenance(run: RunData) -> list[tuple[str, str]]:
     """(field, "value (n trials)", ...) for each provenance field the summaries record."""
     rows = [("report written by ablate", __version__)]
     for field in PROVENANCE:
@@ -53,7 +53,7 @@ def _provenance(run: Run) -> list[tuple[str, str]]:
     return rows
 
 
-def write_index(out: Path, run: Run, figures: list[Path], tables: list[WrittenTable]) -> Path:
+def write_index(out: Path, run: RunData, figures: list[Path], tables: list[WrittenTable]) -> Path:
     """Link every PNG (with its PDF) and show every table from its Table (not its CSV) with its
     footnotes and links to its files; relative links only, all text escaped."""
     esc = html.escape

@@ -16,7 +16,7 @@ from typing import Iterable
 import pandas as pd
 
 from ..curves import best_last
-from . import SETTING, Run, display_name, label as setting_label
+from . import SETTING, RunData, display_name, label as setting_label
 
 DASH = "–"  # en dash: a missing value (never 0)
 RUNNING = " *"
@@ -51,7 +51,7 @@ class Table:
         return self.display.empty
 
 
-def per_trial(run: Run) -> pd.DataFrame:
+def per_trial(run: RunData) -> pd.DataFrame:
     """One row per trial: setting, label, seed, ``complete`` and nat/pgd/aa best/last/diff in %.
 
     Best/Last come from the curves (so unfinished trials count, with their latest epoch as Last);

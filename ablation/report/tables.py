@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from .. import layers
-from ..layers import LAYER_WISE
-from . import METHOD_NAMES, SETTING, Run, label as setting_label
+from ..strategies import layer_wise, method_label
+from . import SETTING, RunData, label as setting_label
 from .effects import effects_table
 from .numbers import (ID_COLUMNS, STEPS, Table, aa_note, aggregate, display_table,
                       empty_table, mark_running, per_trial, pgd_title)
@@ -30,13 +30,13 @@ RAT_LAYERS = layers.to_column((3, 4))  # RAT_LR and RAT_WP act on layers 3 and 4
 def _rat_names(method: str) -> dict[str, str]:
     """The paper's names for the RAT realizations: AT_fix_lr_[3, 4] -> RAT_LR, and for TRADES
     (Table 4) TRADES_awp_[3, 4] -> TRADES-RAT_WP."""
-    base = METHOD_NAMES.get(method, method.upper())
+    base = method_label(method)
     prefix = "" if method == "at" else f"{base}-"
     return {setting_label(method, "fix_lr", RAT_LAYERS): f"{prefix}RAT_LR",
             setting_label(method, "awp", RAT_LAYERS): f"{prefix}RAT_WP"}
 
 
-def setting_names(run: Run) -> dict[str, str]:
+def setting_names(run: RunData) -> dict[str, str]:
     """Every name ``ablate report --setting`` accepts -> the trial label the figures use: the
     labels themselves (``AT_fix_lr_[3, 4]``, ``AWP``) and the names the tables print for them
     (``RAT_LR``, ``TRADES-RAT_WP``)."""
@@ -48,7 +48,7 @@ def setting_names(run: Run) -> dict[str, str]:
     return names
 
 
-def _pgd(run: Run) -> str:
+def _pgd(run: RunData) -> str:
     """"PGD-<test_steps>" of the run's trials (plain "PGD" when they differ)."""
     return pgd_title(run.curves[STEPS] if STEPS in run.curves else ())
 
@@ -70,7 +70,7 @@ def _ordered(numbers: pd.DataFrame) -> pd.DataFrame:
     return numbers.sort_values([*SETTING, "order"], kind="stable").reset_index(drop=True)
 
 
-def best_last_table(run: Run, labels: list[str] | None = None) -> Table:
+def best_last_table(run: RunData, labels: list[str] | None = None) -> Table:
     """Tables 1-3: PGD-20 and AutoAttack Best/Last/Diff (%) per setting for AT, RAT_LR, RAT_WP.
 
     ``labels`` adds more settings by their label (e.g. ``"AT_awp_[4]"``, ``"AWP"``); rows come
@@ -81,7 +81,7 @@ def best_last_table(run: Run, labels: list[str] | None = None) -> Table:
         return empty_table("the run has no curves")
     wanted = []
     for m in dict.fromkeys(trials.method):
-        wanted += [METHOD_NAMES.get(m, m.upper()), *_rat_names(m).values()]
+        wanted += [method_label(m), *_rat_names(m).values()]
     trials = _setting_rows(trials, wanted, labels or ())
     numbers = aggregate(trials, [*SETTING, "name", "order"], ["pgd", "aa"])
     numbers = mark_running(_ordered(numbers), "name")
@@ -89,7 +89,7 @@ def best_last_table(run: Run, labels: list[str] | None = None) -> Table:
     return display_table(numbers, ids, ["pgd", "aa"], aa_note(trials))
 
 
-def awp_compare_table(run: Run) -> Table:
+def awp_compare_table(run: RunData) -> Table:
     """Table 4: Natural, PGD-20 and AutoAttack Best/Last/Diff for AT, AWP and RAT_WP.
 
     Only settings with an AWP (``awp_full``) trial; empty when there is none.
@@ -101,7 +101,7 @@ def awp_compare_table(run: Run) -> Table:
     trials = trials.merge(with_awp, on=SETTING)
     wanted = []
     for m in dict.fromkeys(trials.method):
-        base = METHOD_NAMES.get(m, m.upper())
+        base = method_label(m)
         wanted += [base, setting_label(m, "awp_full", ""), _rat_names(m)[
             setting_label(m, "awp", RAT_LAYERS)]]
     trials = _setting_rows(trials, wanted)
@@ -111,13 +111,13 @@ def awp_compare_table(run: Run) -> Table:
     return display_table(numbers, ids, ["nat", "pgd", "aa"], aa_note(trials))
 
 
-def ablation_table(run: Run, intervention: str = "awp") -> Table:
+def ablation_table(run: RunData, intervention: str = "awp") -> Table:
     """Table 5: one row per layer subset of ``intervention``, after the baseline row "[-]".
 
     Subsets come in the fixed order [1], [2], [3], [4], [1,2], ..., [1,2,3,4] (those present);
     columns are Natural, PGD-20 and AutoAttack Best/Last/Diff (%). Empty when not run.
     """
-    if intervention not in LAYER_WISE:
+    if intervention not in layer_wise():
         raise ValueError(f"no ablation over layers for intervention {intervention!r}")  # a bug
     trials = per_trial(run)
     if trials.empty or not (trials.intervention == intervention).any():
@@ -133,7 +133,7 @@ def ablation_table(run: Run, intervention: str = "awp") -> Table:
                        for iv, s in zip(trials.intervention, subsets)]
     trials["subset"] = ["[-]" if iv == "none" else layers.display(s)
                         for iv, s in zip(trials.intervention, subsets)]
-    trials["name"] = [f"{METHOD_NAMES.get(m, m.upper())}_{intervention}" for m in trials.method]
+    trials["name"] = [f"{method_label(m)}_{intervention}" for m in trials.method]
     numbers = aggregate(trials, [*SETTING, "name", "subset", "order"], ["nat", "pgd", "aa"])
     numbers = mark_running(_ordered(numbers), "subset")
     ids = {**ID_COLUMNS, "name": "Method", "subset": "Layer"}
@@ -151,11 +151,11 @@ def ablation_table(run: Run, intervention: str = "awp") -> Table:
 class TableKind:
     """A table name's builder: (run, extra settings) -> [(file stem, table, caption start)]."""
 
-    build: Callable[[Run, list[str]], list[tuple[str, Table, str]]]
+    build: Callable[[RunData, list[str]], list[tuple[str, Table, str]]]
     what: str  # one line for the README and --help
 
 
-def _effects_jobs(run: Run, settings: list[str]) -> list[tuple[str, Table, str]]:
+def _effects_jobs(run: RunData, settings: list[str]) -> list[tuple[str, Table, str]]:
     return [(f"effects-{response}", effects_table(run, response),
              f"Factorial layer effects on {what} ({_pgd(run)} {part}), percentage points, "
              f"simultaneous 95% intervals and Holm-adjusted p-values")
@@ -179,7 +179,7 @@ TABLES: dict[str, TableKind] = {
             (f"ablation-{iv}", ablation_table(run, iv),
              f"Ablation over the layers given {iv}: natural, {_pgd(run)} and AutoAttack "
              f"accuracy (%)")
-            for iv in LAYER_WISE if iv in set(run.curves.intervention)],
+            for iv in layer_wise() if iv in set(run.curves.intervention)],
         "Table 5: one row per layer subset, one table per intervention"),
     "effects": TableKind(_effects_jobs, "the main effect of each layer on Diff and Best, with "
                                         "pairwise interactions (a 2^4 factorial design)"),
@@ -197,7 +197,7 @@ class WrittenTable:
     paths: list[Path]
 
 
-def write_tables(run: Run, names: Iterable[str], out: Path, settings: Iterable[str] = (),
+def write_tables(run: RunData, names: Iterable[str], out: Path, settings: Iterable[str] = (),
                  warn: Callable[[str], None] = lambda message: None) -> list[WrittenTable]:
     """Write each named table (names of ``TABLES``, checked by the caller) under ``out``; a table
     with no data is skipped and ``warn`` is told why in one line. ``settings`` are extra rows
