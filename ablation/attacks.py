@@ -15,6 +15,18 @@ from torch import Tensor, nn
 from .config import ThreatModel
 
 
+def mean_ce(logits: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    """The mean cross-entropy of a batch, per network: a pack of K networks (``model.pack_size``,
+    :mod:`ablation.pack`) takes K batches at once and gets the sum of their means, so each
+    network's gradient is that of its own mean. For one network it is torch's mean bit for bit
+    (the sum over the batch divided by its size is how torch computes it, forward and back)."""
+    return F.cross_entropy(logits, y, reduction="sum") / _per_network(y, model)
+
+
+def _per_network(y: Tensor, model: nn.Module) -> int:
+    return len(y) // getattr(model, "pack_size", 1)
+
+
 def input_gradient(loss: Tensor, x: Tensor) -> Tensor:
     """d loss / d x, without computing or storing any weight gradient."""
     (grad,) = torch.autograd.grad(loss, x)
@@ -71,7 +83,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int,
     delta = random_start(x, threat) if delta is None else delta.clone()
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y)
+        loss = mean_ce(model(x + delta), y, model)
         grad = input_gradient(loss, delta)
         delta = delta.detach()
         if threat.norm == "linf":
@@ -82,10 +94,17 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int,
     return (x + delta).clamp(0, 1).detach()
 
 
-def trades_kl(logits_adv: Tensor, logits_nat: Tensor, reduction: str = "batchmean") -> Tensor:
-    """KL(softmax(nat) || softmax(adv)) in TRADES' kl_div(log p_adv, p_nat) form."""
-    return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
-                    reduction=reduction)
+def trades_kl(logits_adv: Tensor, logits_nat: Tensor, model: nn.Module | None = None) -> Tensor:
+    """KL(softmax(nat) || softmax(adv)) in TRADES' kl_div(log p_adv, p_nat) form: summed over
+    the batch, or (given the ``model``) its "batchmean" per network (see :func:`mean_ce`)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
+                  reduction="sum")
+    return kl if model is None else kl / _per_network(logits_adv, model)
+
+
+def trades_start(x: Tensor) -> Tensor:
+    """The TRADES inner maximisation's start: 0.001 * N(0, 1) per pixel (B §6)."""
+    return 0.001 * drawn_like(x, torch.Tensor.normal_)
 
 
 def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
@@ -99,18 +118,18 @@ def trades_attack(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int,
     """
     with torch.no_grad():
         logits_nat = model(x)
-    delta = (0.001 * drawn_like(x, torch.Tensor.normal_) if start is None else start).detach()
+    delta = (trades_start(x) if start is None else start).detach()
     if threat.norm == "linf":
         x_adv = x + delta
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            grad = input_gradient(trades_kl(model(x_adv), logits_nat, reduction="sum"), x_adv)
+            grad = input_gradient(trades_kl(model(x_adv), logits_nat), x_adv)
             x_adv = x_adv.detach() + threat.step * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - threat.eps), x + threat.eps).clamp(0, 1)
         return x_adv.detach()
     for _ in range(steps):
         delta.requires_grad_(True)
-        grad = input_gradient(trades_kl(model(x + delta), logits_nat, reduction="sum"), delta)
+        grad = input_gradient(trades_kl(model(x + delta), logits_nat), delta)
         norm = _per_sample_norm(grad)
         # add(alpha=) is the kernel of the authors' SGD step on delta, so the rounding matches
         delta = delta.detach().add(grad / torch.where(norm == 0, 1, norm), alpha=threat.step)

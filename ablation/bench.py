@@ -27,6 +27,7 @@ one process each. Library code reports progress only through the ``echo`` it is 
 from __future__ import annotations
 
 import gc
+import math
 import multiprocessing
 import os
 import platform
@@ -48,7 +49,7 @@ from .strategies import INTERVENTIONS, layer_wise
 from .data import Data, augment
 from .datasets import dataset_info
 from .device import resolve_device, tf32_enabled
-from .errors import TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .models import build_model
 from .trainer import Reporter, Trainer
 
@@ -95,6 +96,7 @@ class BenchOptions:
     eval_images: int | None = None  # train-eval and test images of the split (default: train/5)
     test_steps: int = 20
     trials_per_gpu: tuple[int, ...] = (1, 2, 4)
+    packs: tuple[int, ...] = ()  # pack sizes K to time (ablation.packed), e.g. (1, 2, 4, 8, 16)
     threads: int | None = None  # torch threads; None: 1 on the CPU, torch's choice on CUDA
     seed: int = 0
 
@@ -365,25 +367,36 @@ class _EpochClock(Reporter):
 
 
 def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
-                workdir: Path) -> dict[str, Any]:
-    """Small epochs of the real ``Trainer.fit``: training, evaluation and checkpoint seconds,
-    and the clean logging forward timed alone over the same number of batches.
+                workdir: Path, k: int = 1) -> dict[str, Any]:
+    """Small epochs of the real ``Trainer.fit`` (of ``PackTrainer.fit`` for a pack of ``k``
+    trials, :func:`pack_configs`): training, evaluation and checkpoint seconds, and the clean
+    logging forward timed alone over the same number of batches.
 
     ``train_seconds`` and ``eval_seconds`` are the trainer's own timers; the checkpoint part is
-    the rest of the epoch (the checkpoint write, plus the copy of the best weights when the epoch
-    is the best so far). On CUDA a first epoch warms up and each part is the median of the next
-    three; on the CPU one epoch is measured.
+    the rest of the epoch (the checkpoint writes, plus the copy of the best weights when the
+    epoch is the best so far). On CUDA a first epoch warms up and each part is the median of the
+    next three; on the CPU one epoch is measured. A pack's seconds are the whole pack's.
     """
+    from .packed import PackTrainer
+
     n_batches = opts.split_batches or opts.batches
     n_train = n_batches * opts.batch_size
     n_eval = opts.eval_images if opts.eval_images is not None else max(1, n_train // 5)
     warm, measured = (1, 3) if device.type == "cuda" else (0, 1)
     data = random_data(n_train, n_eval, opts.seed + 1, device)
-    config = trial_config(opts, intervention, device, train_eval_size=n_eval,
-                          epochs=warm + measured)
-    trainer = Trainer(config, workdir / "split", data=data)
+    split = {"train_eval_size": n_eval, "epochs": warm + measured}
     clock = _EpochClock(device)
-    history = trainer.fit(clock)
+    if k == 1:
+        config = trial_config(opts, intervention, device, **split)
+        trainer = Trainer(config, workdir / "split", data=data)
+        history = trainer.fit(clock)
+    else:
+        configs = [c.replace(**split) for c in pack_configs(opts, k, device)]
+        config = configs[0]
+        trainer = PackTrainer(configs, [workdir / f"split{k}-{i}" for i in range(k)], data=data)
+        # the last trial's reporter marks the epoch's end: after every checkpoint of the pack
+        histories, _ = trainer.fit([Reporter()] * (k - 1) + [clock])
+        history = histories[config.key]
     runs: dict[str, list[float]] = {part: [] for part in (*SPLIT_PARTS, "epoch")}
     for e in range(warm, warm + measured):
         epoch = clock.marks[e + 1] - clock.marks[e]
@@ -394,7 +407,8 @@ def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
         runs["checkpoint"].append(max(0.0, epoch - train - evaluation))
     # The clean logging forward alone, as train_step runs it, on augmented batches.
     model = trainer.model
-    xs = [trainer.batch(x, augmented=True) for x, _ in _batches(data, opts.batch_size, n_batches)]
+    xs = [trainer.expand(trainer.batch(x, augmented=True))
+          for x, _ in _batches(data, opts.batch_size, n_batches)]
     model.train(config.log_pass_mode == "train")
     for _ in range(measured):
         _sync(device)
@@ -413,12 +427,80 @@ def bench_split(opts: BenchOptions, intervention: str, device: torch.device,
              "logging_forward": CIFAR_EPOCH["train"] / n_train,
              "evaluation": (CIFAR_EPOCH["train_eval"] + CIFAR_EPOCH["test"]) / (2 * n_eval),
              "checkpoint": 1.0}
-    return {"intervention": intervention, "train_images": n_train, "train_eval_images": n_eval,
+    return {"intervention": intervention, "k": k, "train_images": n_train,
+            "train_eval_images": n_eval,
             "test_images": n_eval, "test_steps": opts.test_steps, "epochs_measured": measured,
             "per_epoch_seconds": runs, "epoch_seconds": epoch, "seconds": parts,
             "share_of_epoch": {k: v / epoch for k, v in parts.items()},
             "images_per_s": {k: per_image[k] / parts[k] for k in per_image},
             "cifar10_epoch_seconds": {k: v * scale[k] for k, v in parts.items()}}
+
+
+def pack_configs(opts: BenchOptions, k: int, device: torch.device) -> list[TrialConfig]:
+    """K distinct trials as a sweep packs them: the options' interventions in turn, the
+    layer-wise ones on successive subsets of the paper's 15 (ConfigError when the options
+    describe fewer than K trials)."""
+    from .layers import ALL_SUBSETS
+
+    choices = [[{"layers": list(s)} for s in ALL_SUBSETS] if i in layer_wise() else [{}]
+               for i in opts.interventions]
+    trials = [trial_config(opts, i, device, **changes[n])
+              for n in range(len(ALL_SUBSETS))
+              for i, changes in zip(opts.interventions, choices) if n < len(changes)]
+    if len(trials) < k:
+        raise ConfigError(f"--pack {k}: the chosen interventions make {len(trials)} distinct "
+                          "trials; add a layer-wise --intervention (fix_lr, fix_param, awp)")
+    return trials[:k]
+
+
+def bench_packs(opts: BenchOptions, device: torch.device, workdir: Path,
+                rows: list[dict[str, Any]], echo: Echo) -> list[dict[str, Any]]:
+    """For each pack size K: the seconds per batch of one packed step of K trials (all K
+    attacked, updated and logged), images/s in all and per trial, against K separate steps of
+    the project (the sum of the lone steps' medians in ``rows`` for the same interventions,
+    measured above) and K steps of the Rice-style reference, and the peak memory. K = 1 is the
+    lone trainer."""
+    from .packed import PackTrainer
+
+    lone = {row["intervention"]: row["project"]["median_s"] for row in rows}
+    reference = statistics.median(row["reference"]["median_s"] for row in rows)
+    data = random_data(opts.batches * opts.batch_size, opts.batch_size, opts.seed, device)
+    batches = _batches(data, opts.batch_size, opts.batches)
+    out = []
+    for k in opts.packs:
+        configs = pack_configs(opts, k, device)
+        folders = [workdir / f"pack{k}-{i}" for i in range(k)]
+        try:
+            if k == 1:
+                step = project_step(Trainer(configs[0], folders[0], data=data))
+            else:
+                pack = PackTrainer(configs, folders, data=data)
+                pack.optimizer.lr = {n: torch.full((k,), configs[0].lr_max, dtype=torch.float64,
+                                                   device=device) for n in pack.names}
+
+                def step(images: Tensor, labels: Tensor, pack=pack) -> None:
+                    pack.train_step(0, pack.batch(images, augmented=True), labels)
+            _run(step, batches, opts.warmup)
+            peak = _peak_memory(step, *batches[0], device)
+            seconds = [time_per_batch(step, batches, device) for _ in range(opts.repeats)]
+        except torch.cuda.OutOfMemoryError:
+            out.append({"k": k, "error": "out of GPU memory"})
+            echo(f"  pack of {k}: out of GPU memory")
+            _release(device)
+            continue
+        median = statistics.median(seconds)
+        separate = sum(lone.get(c.intervention, math.nan) for c in configs)
+        out.append({"k": k, "interventions": [c.intervention for c in configs],
+                    "seconds_per_batch": seconds, "median_s": median,
+                    "images_per_s": k * opts.batch_size / median,
+                    "images_per_s_per_trial": opts.batch_size / median,
+                    "ratio_vs_separate": separate / median,
+                    "ratio_vs_reference": k * reference / median,
+                    "peak_memory_bytes": peak})
+        echo(f"  pack of {k}: {out[-1]['images_per_s']:.1f} img/s in all, "
+             f"{out[-1]['ratio_vs_separate']:.2f}x {k} separate steps")
+        _release(device)
+    return out
 
 
 def _trial_worker(opts: BenchOptions, intervention: str, barrier: Any, results: Any) -> None:
@@ -532,6 +614,8 @@ def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str
     threads = opts.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
+    for k in opts.packs:  # a pack the options cannot fill is said before anything runs
+        pack_configs(opts, k, device)
     try:
         env = environment(device)
         echo(f"bench: {opts.model}, batch {opts.batch_size}, {env['device_name']}, "
@@ -554,6 +638,14 @@ def run_bench(opts: BenchOptions, echo: Echo = lambda message: None) -> dict[str
             if opts.split:
                 echo(f"per-epoch split ({opts.interventions[0]})")
                 result["split"] = bench_split(opts, opts.interventions[0], device, Path(tmp))
+            result["packs"] = None
+            if opts.packs:
+                echo(f"packs of {', '.join(map(str, opts.packs))} trials")
+                result["packs"] = bench_packs(opts, device, Path(tmp), rows, echo)
+                if opts.split:
+                    result["pack_splits"] = [bench_split(opts, opts.interventions[0], device,
+                                                         Path(tmp), k)
+                                             for k in opts.packs if k > 1]
         result["trials_per_gpu"] = None
         if device.type != "cuda":
             result["notes"].append("trials per GPU: skipped (not a CUDA run)")

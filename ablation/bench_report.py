@@ -74,6 +74,34 @@ def format_report(result: dict[str, Any]) -> list[str]:
                          f"{_fmt(rate, '.1f'):>9} {split['cifar10_epoch_seconds'][part]:>16.1f}")
         lines.append(f"{'epoch':<16} {split['epoch_seconds']:>9.3f}   (logging fwd is part of "
                      f"train)")
+    packs = result.get("packs")
+    if packs:
+        lines += ["", "packs: K trials as one batched step (interventions in turn); ratios = pack "
+                      "img/s over K separate project steps, and over K reference steps",
+                  f"{'K':>3} {'img/s in all':>12} {'img/s per trial':>15} {'vs separate':>11} "
+                  f"{'vs reference':>12} {'peak mem':>10}"]
+        for row in packs:
+            if "error" in row:
+                lines.append(f"{row['k']:>3} failed: {row['error']}")
+                continue
+            lines.append(f"{row['k']:>3} {row['images_per_s']:>12.1f} "
+                         f"{row['images_per_s_per_trial']:>15.1f} "
+                         f"{_fmt(row['ratio_vs_separate'], '.2f', 'x'):>11} "
+                         f"{row['ratio_vs_reference']:>11.2f}x "
+                         f"{_gib(row['peak_memory_bytes']):>10}")
+    splits = result.get("pack_splits")
+    if splits:
+        lines += ["", "per-epoch split of packs (the whole pack's seconds; the last column is a "
+                      "CIFAR-10 epoch, scaled linearly, per trial of the pack)",
+                  f"{'K':>3} {'train s':>9} {'eval s':>9} {'ckpt s':>9} {'epoch s':>9} "
+                  f"{'CIFAR-10 epoch s/trial':>22}"]
+        for split in splits:
+            per_trial = sum(split["cifar10_epoch_seconds"][p] for p in
+                            ("train", "evaluation", "checkpoint")) / split["k"]
+            parts = split["seconds"]
+            lines.append(f"{split['k']:>3} {parts['train']:>9.3f} {parts['evaluation']:>9.3f} "
+                         f"{parts['checkpoint']:>9.3f} {split['epoch_seconds']:>9.3f} "
+                         f"{per_trial:>22.1f}")
     trials = result.get("trials_per_gpu")
     if trials:
         lines += ["", f"trials per GPU ({result['interventions'][0]['intervention']}, "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,47 @@ def load_torch(path: str | Path, map_location: Any = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def read(path: Path) -> dict[str, Any]:
-    """A checkpoint file, or one line saying it is not one."""
+def read(path: Path, key: str | None = None) -> dict[str, Any]:
+    """A checkpoint file (of trial ``key``, when given), or one line saying it is not one."""
     try:
-        return load_torch(path)
+        state = load_torch(path)
     except Exception as err:  # a torn file cannot happen (atomic writes), a foreign one can
         raise ConfigError(f"{path}: not a readable ablate checkpoint ({type(err).__name__}); "
                           "move it away or use another output folder") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: not an ablate checkpoint (a {type(state).__name__}); move "
+                          "it away or use another output folder")
+    if key is not None and state.get("key") != key:
+        raise ConfigError(f"{path}: holds trial {str(state.get('key'))[:100]!r}, not {key!r}; "
+                          "move it away or use another output folder")
+    return state
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a file the project cannot use to ``<name>.unusable`` (kept for a look, never
+    read again) and say so in one line."""
+    aside = path.with_name(path.name + ".unusable")
+    path.replace(aside)
+    warnings.warn(f"{path}: {why}; set aside as {aside.name}", stacklevel=2)
+    return aside
+
+
+def read_fork(path: Path, fork: Fork) -> dict[str, Any] | None:
+    """The state in a fork file: trial ``fork.parent`` after ``fork.epochs`` epochs with its
+    best weights. None when there is no such file, or when the file is unreadable or another
+    trial's or epoch's: it is set aside and the trial trains from scratch, which computes the
+    same as starting from a good fork file."""
+    if not path.exists():
+        return None
+    try:
+        state = read(path, fork.parent)
+        if len(state["history"]) != fork.epochs or not isinstance(state["best_model"], dict):
+            raise ConfigError(f"not the state after {fork.epochs} epochs")
+    except (ConfigError, KeyError, TypeError) as err:
+        reason = str(err).removeprefix(f"{path}: ").split(";")[0]
+        set_aside(path, f"{reason}; training from scratch instead of forking")
+        return None
+    return state
 
 
 # --- random states ------------------------------------------------------------------------------
@@ -144,23 +180,41 @@ def fork_path(workdir: Path, fork: Fork) -> Path:
 
 def load_best(workdir: Path, state: dict[str, Any]) -> dict[str, Tensor]:
     """The best weights a checkpoint refers to, from their file beside it (a checkpoint of
-    version 0.2.0 holds them itself)."""
+    version 0.2.0 holds them itself); refuses another trial's or another epoch's."""
     if "best_model" in state:
         return state["best_model"]
-    path = Path(workdir) / files.best_checkpoint(state["best_epoch"])
+    epoch = state["best_epoch"]
+    path = Path(workdir) / files.best_checkpoint(epoch)
     if not path.exists():
-        raise ConfigError(f"{path}: missing; the checkpoint beside it refers to it (delete both "
-                          "to train the trial again)")
-    return load_torch(path)["model"]
+        raise ConfigError(
+            f"{path}: missing, and {files.CHECKPOINT} beside it refers to it: the best epoch's "
+            f"weights are lost; the curve and the last weights ({files.CHECKPOINT}) are intact. "
+            f"To train the trial again, move {files.CHECKPOINT} aside (keep it) and run the "
+            "same command")
+    best = read(path, state["key"])
+    if best.get("epoch") != epoch or not isinstance(best.get("model"), dict):
+        raise ConfigError(f"{path}: does not hold epoch {epoch}'s weights; move it away and "
+                          f"{files.CHECKPOINT} with it (keep both) to train the trial again")
+    return best["model"]
+
+
+# A temporary file of an atomic write (io.atomic_path, remote uploads): ".<name>.<hex>.tmp".
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]+\.tmp$")
 
 
 class TrialFolder:
     """The checkpoint files of one trial's folder, for the trainer that trains it."""
 
     def __init__(self, workdir: Path, config: TrialConfig):
+        """The trial starts here: a temporary file that a kill left in its folder (up to a
+        checkpoint's size) is never needed again, and goes."""
         self.workdir, self.config = workdir, config
         self.checkpoint = workdir / files.CHECKPOINT
         self.best_saved: int | None = None  # the epoch whose weights this folder's best file holds
+        if workdir.is_dir():
+            for path in workdir.iterdir():
+                if TEMPORARY.match(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
 
     def save(self, state: dict[str, Any], best_weights: dict[str, Tensor] | None,
              fork_points: list[int]) -> tuple[list[Path], list[Path]]:
@@ -194,10 +248,7 @@ class TrialFolder:
         refuses another trial's. A best file that a kill left behind is removed."""
         if not self.checkpoint.exists():
             return None
-        state = read(self.checkpoint)
-        if state.get("key") != self.config.key:
-            raise ConfigError(f"{self.checkpoint}: holds trial {state.get('key')!r}, not "
-                              f"{self.config.key!r}; use another output folder")
+        state = read(self.checkpoint, self.config.key)
         best = load_best(self.workdir, state)
         self.best_saved = state.get("best_epoch")  # None in 0.2.0's, which held the weights
         for path in self.workdir.glob(files.best_checkpoint("*")):  # one a kill left behind
@@ -207,20 +258,23 @@ class TrialFolder:
 
     def start_from_fork(self, fork: Fork, batches: int
                         ) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
-        """The parent's state after ``fork.epochs`` epochs (None when its file is not there),
-        when the two trials compute the same thing until then, checked again here with the
+        """The parent's state after ``fork.epochs`` epochs (None when its file is not there or
+        not usable: :func:`read_fork`), when the two trials compute the same thing until then
+        (else the file is set aside and None returned), checked again here with the
         loaded data's ``batches`` per epoch. The prefix's rows are the parent's, marked with its
         key; ``lr_fixed`` is filled in by the caller (the parent has none)."""
         path = fork_path(self.workdir, fork)
-        if not path.exists():
+        state = read_fork(path, fork)
+        if state is None:
             return None
-        state = read(path)
-        parent = from_dict(state["config"], source=str(path))
-        if state.get("key") != fork.parent or len(state["history"]) != fork.epochs \
-                or shared_epochs(parent, self.config, batches) < fork.epochs:
-            raise ConfigError(f"{path}: not trial {fork.parent}'s state after {fork.epochs} "
-                              f"epochs shared with {self.config.key}; delete it to train the "
-                              "trial from scratch")
+        try:
+            parent = from_dict(state["config"], source=str(path))
+        except (ConfigError, KeyError, TypeError):
+            parent = None
+        if parent is None or shared_epochs(parent, self.config, batches) < fork.epochs:
+            set_aside(path, f"not a state that {self.config.key} shares with {fork.parent}; "
+                            "training from scratch instead of forking")
+            return None
         state["history"] = [{**row, "lr_fixed": math.nan, "forked_from": fork.parent}
                             for row in state["history"]]
         return state, state["best_model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 import time
@@ -40,6 +41,12 @@ def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig
             raise ConfigError(f"--set {quote(pair)}: expected KEY=VALUE")
         changes[key.strip()] = parse_yaml(value, f"--set {quote(pair)}")
     return from_dict({**config.to_dict(), **changes}, source="--set") if changes else config
+
+
+def _description(text: str, limit: int = 500) -> str:
+    """A sweep's description as one line for the terminal, at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,6 +120,12 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
 @click.option("--restart-errored", is_flag=True,
               help="Start trials that errored in an earlier run from scratch instead of "
                    "resuming them from their checkpoints.")
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Train up to K trials at once as one batched computation on each GPU (or "
+                   "CPU slot): trials that differ only in their intervention, in key order. "
+                   "Each trial keeps its own curve, checkpoint and summary, and computes what "
+                   "it computes alone (to float rounding). 1 trains each trial alone; more "
+                   "pays off on a GPU (BENCHMARKS.md, 'Packed trials').")
 @click.option("--no-fork", is_flag=True,
               help="Train every trial from its first epoch, even the epochs it shares with its "
                    "baseline (by default those are trained once and the trial starts from the "
@@ -127,7 +140,7 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_trial: float,
         gpus_per_trial: float | None, max_concurrent: int | None, max_failures: int,
-        restart_errored: bool, no_fork: bool, dry_run: bool, bench_json: Path | None,
+        restart_errored: bool, pack: int, no_fork: bool, dry_run: bool, bench_json: Path | None,
         quiet: bool) -> None:
     """Run every trial of a SWEEP.yaml through Ray Tune; resume it if its folder exists.
 
@@ -136,27 +149,42 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
     """
     from .fork import plan_forks
     from .grid import load_sweep
+    from .store import plan_packs
 
     sweep = load_sweep(sweep_file)
     forks = {} if no_fork else plan_forks(sweep.trials)
     if bench_json and not dry_run:
         raise ConfigError("--bench estimates the cost of a sweep; use it with --dry-run")
+    if pack > 1 and any(t.compile for t in sweep.trials):
+        raise ConfigError(f"--pack {pack} with compile: true: a compiled trial trains alone for "
+                          "now; use --pack 1 or compile: false")
+    packs = plan_packs(sweep.trials, forks, pack)
     if dry_run:
         from .cost import dry_run_lines  # torch loads there, after a bad --bench is said
 
-        for line in dry_run_lines(sweep, forks, bench_json):
+        for line in dry_run_lines(sweep, forks, bench_json, packs):
             click.echo(line)
         return
     for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in sweep.trials):
         check_data(*place)  # here, before Ray starts and every trial fails the same way
     from . import files
     from .cluster import parse_address, ray_cluster
+    from .io import check_folder
     from .store import DriverLock, RunDir, plan
     from .tune import SweepProgress, run_sweep  # torch loads here
 
     if address:
         parse_address(address)  # a malformed --address fails before the folder is touched
+    elif not os.environ.get("RAY_ADDRESS"):  # a Ray of this machine alone: said before it starts
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        if cpus_per_trial > cpus:
+            raise ConfigError(f"--cpus-per-trial {cpus_per_trial:g}: a trial asks for "
+                              f"{{CPU: {cpus_per_trial:g}}} but this machine has {cpus} CPUs; "
+                              "lower it or join a cluster that has them (--address)")
     folder = RunDir.attach(storage or Path("runs") / sweep.name)
+    if not folder.remote:
+        check_folder(folder.root, "--storage")
     try:
         with DriverLock(folder):  # refuses a second driver before it changes anything
             folder.pull()
@@ -169,7 +197,7 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
                 return
             with ray_cluster(address) as cluster:  # a wrong address is one line, said first
                 if sweep.description:
-                    click.echo(" ".join(sweep.description.split()), err=True)
+                    click.echo(_description(sweep.description), err=True)
                 click.echo(plan_line, err=True)
                 stored = {(k, int(e)) for k in sweep.by_key
                           for e in folder.curves(k).get("epoch", [])}
@@ -180,7 +208,7 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
                                        gpus_per_trial=gpus_per_trial,
                                        max_concurrent=max_concurrent, max_failures=max_failures,
                                        autoattack=sweep.autoattack, progress=progress,
-                                       forks=forks,
+                                       forks=forks, packs=packs,
                                        echo=lambda m: click.echo(m, err=True))
                 finally:
                     progress.close()
@@ -225,12 +253,15 @@ def status(run_dir: str) -> None:
     folder = RunDir.open(run_dir)
     table, eta = status_table(folder)
     width = max(len(k) for k in table.key)
-    click.echo(f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}")
+    packed = bool(table.pack.any())  # a column only when some trials train in packs
+    click.echo(f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}"
+               + ("  pack" if packed else ""))
     for row in table.itertuples():
         best = "-" if row.best_robust != row.best_robust else f"{row.best_robust:.1%}"
         current = "-" if row.current_robust != row.current_robust else f"{row.current_robust:.1%}"
+        pack = f"  {row.pack or '-':>4}" if packed else ""
         click.echo(f"{row.key:<{width}}  {row.state:<11} {row.epochs:>9}  {best:>6}  "
-                   f"{current:>7}")
+                   f"{current:>7}{pack}")
     counts = table.state.value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in
                         ("done", "running", "interrupted", "errored", "pending") if s in counts)
@@ -242,7 +273,7 @@ def status(run_dir: str) -> None:
     click.echo(f"{len(table)} trials: {summary}; time left about {left}")
     waiting = waiting_line(folder)
     if waiting:
-        click.echo(f"waiting: {waiting}")
+        click.echo(f"pending: {waiting}")
 
 
 @cli.command()
@@ -294,11 +325,11 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
             limits = tuple(float(v) for v in ylim.split(","))
         except ValueError:
             limits = ()
-        # abs(v) < inf also refuses NaN
-        if len(limits) != 2 or not all(abs(v) < float("inf") for v in limits) \
+        # abs(v) <= 1e6 also refuses NaN and infinities; a wider axis has no ticks to draw
+        if len(limits) != 2 or not all(abs(v) <= 1e6 for v in limits) \
                 or limits[0] >= limits[1]:
-            raise ConfigError(f"--ylim {quote(ylim)}: expected LOW,HIGH with LOW < HIGH, e.g. "
-                              "35,57.5 (percent for accuracies)")
+            raise ConfigError(f"--ylim {quote(ylim)}: expected LOW,HIGH with LOW < HIGH, both "
+                              "within +-1e6, e.g. 35,57.5 (percent for accuracies)")
     run = load_run(run_dir)  # a path or a URI
     if metric not in metric_columns(run.curves):
         raise ConfigError(f"--metric {metric!r} is not a curve column; choose from "
@@ -309,9 +340,12 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
             raise ConfigError(f"--setting {given!r} is not in this run; choose from "
                               f"{', '.join(names)}")
     settings = tuple(names[given] for given in settings)
-    if run.description:  # after the checks: a bad option is one line
-        click.echo(" ".join(run.description.split()), err=True)
+    from .io import check_folder
+
     out = (out or Path("reports") / run.name).resolve()
+    check_folder(out, "--out")
+    if run.description:  # after the checks: a bad option is one line
+        click.echo(_description(run.description), err=True)
     everything = not figures and not tables
     fig_names = FIGURES if everything or "all" in figures else figures
     table_names = TABLES if everything or "all" in tables else tables
@@ -405,6 +439,9 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
 @click.option("--trials-per-gpu", default="1,2,4", show_default=True, metavar="K,K,...",
               help="CUDA only: run K processes training at once on the GPU, for each K "
                    "('none' to skip).")
+@click.option("--pack", "packs", default="none", show_default=True, metavar="K,K,...",
+              help="Also time packs of K trials trained as one batched step (ablate run "
+                   "--pack), e.g. 1,2,4,8,16, against K separate steps ('none' to skip).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads (default: 1 on the CPU, for repeatable numbers).")
 @click.option("--compile", "compile_", is_flag=True,
@@ -415,8 +452,8 @@ def data(dataset: str, root: str, verify_only: bool) -> None:
 def bench(model: str, width: int, batch_size: int, device: str, precision: str,
           interventions: tuple[str, ...], layers: str, train_steps: int, batches: int,
           repeats: int, warmup: int, split: bool, split_batches: int | None,
-          eval_images: int | None, trials_per_gpu: str, threads: int | None, compile_: bool,
-          json_path: Path | None) -> None:
+          eval_images: int | None, trials_per_gpu: str, packs: str, threads: int | None,
+          compile_: bool, json_path: Path | None) -> None:
     """Images/s of the project's training step against a Rice-style reference loop (PGD-AT as
     in Rice et al.'s train_cifar.py, fp32, eager), per intervention, on random CIFAR-10-shaped
     images; plus a per-epoch time split and, on CUDA, MFU, peak memory and trials per GPU."""
@@ -425,14 +462,10 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
                                        f"--layers {quote(layers)}")
     except ValueError:
         raise ConfigError(f"--layers {quote(layers)}: expected layer groups such as 3,4") from None
-    try:
-        counts = (() if trials_per_gpu.strip().lower() in ("", "none", "0")
-                  else tuple(int(v) for v in trials_per_gpu.split(",")))
-    except ValueError:
-        counts = (0,)
-    if any(k < 1 for k in counts):
-        raise ConfigError(f"--trials-per-gpu {quote(trials_per_gpu)}: expected comma-separated "
-                          "counts >= 1, e.g. 1,2,4, or none")
+    counts, pack_sizes = (_counts(option, value) for option, value in (
+        ("--trials-per-gpu", trials_per_gpu), ("--pack", packs)))
+    if pack_sizes and compile_:
+        raise ConfigError("--pack with --compile: a compiled trial trains alone for now")
     from .bench import DEFAULT_INTERVENTIONS, BenchOptions, run_bench
     from .bench_report import format_report
     from .io import save_json  # torch loads here, so --help and option errors stay fast
@@ -443,13 +476,26 @@ def bench(model: str, width: int, batch_size: int, device: str, precision: str,
         layers=layer_set, train_steps=train_steps,
         batches=batches, repeats=repeats, warmup=warmup, split=split,
         split_batches=split_batches, eval_images=eval_images,
-        trials_per_gpu=counts, threads=threads, compile=compile_)
+        trials_per_gpu=counts, packs=pack_sizes, threads=threads, compile=compile_)
     result = run_bench(opts, echo=lambda message: click.echo(message, err=True))
     for line in format_report(result):
         click.echo(line)
     if json_path is not None:
         save_json(result, json_path)
         click.echo(f"wrote {json_path}", err=True)
+
+
+def _counts(option: str, value: str) -> tuple[int, ...]:
+    """A comma-separated list of counts >= 1 (or none); one line naming ``option`` if not."""
+    try:
+        counts = (() if value.strip().lower() in ("", "none", "0")
+                  else tuple(int(v) for v in value.split(",")))
+    except ValueError:
+        counts = (0,)
+    if any(k < 1 for k in counts):
+        raise ConfigError(f"{option} {quote(value)}: expected comma-separated counts >= 1, e.g. "
+                          "1,2,4, or none")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:

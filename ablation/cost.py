@@ -15,9 +15,11 @@ that: not measured yet).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import TrialConfig
 from .errors import ConfigError
@@ -93,15 +95,35 @@ def default_rate() -> Rate:
     return Rate(flops / REFERENCE_EPOCH_S, REFERENCE_NAME)
 
 
+def _bench_report(path: Path) -> dict:
+    """An ``ablate bench --json`` file's contents, or one line saying why not."""
+    try:
+        report = json.loads(Path(path).read_bytes().decode())
+    except OSError as err:
+        raise ConfigError(f"--bench {path}: cannot read it ({err.strerror})") from None
+    except ValueError as err:  # not UTF-8 or not JSON
+        raise ConfigError(f"--bench {path}: not an `ablate bench --json` file "
+                          f"({type(err).__name__})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"--bench {path}: not an `ablate bench --json` file (a JSON "
+                          f"{type(report).__name__}, not an object)")
+    return report
+
+
+def _positive(value: Any, path: Path, what: str) -> float:
+    """A measured quantity: a finite number above zero, or one line naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--bench {path}: {what} is {value!r}; a measurement is a finite "
+                          "number above zero")
+    return float(value)
+
+
 def rate_from_bench(path: Path) -> Rate:
     """The rate of the project's training step (intervention "none") in an ``ablate bench
     --json`` file: its counted FLOPs per step over its median seconds per step."""
+    report = _bench_report(path)
     try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"--bench {path}: cannot read it ({err.strerror})") from None
-    try:
-        report = json.loads(text)
         (entry,) = [e for e in report["interventions"] if e["intervention"] == "none"]
         flops, seconds = entry["flops_per_step"], entry["project"]["median_s"]
         device = report["environment"]["device_name"]
@@ -109,30 +131,66 @@ def rate_from_bench(path: Path) -> Rate:
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"--bench {path}: not an `ablate bench --json` file with the "
                           f"intervention 'none' ({type(err).__name__}: {err})") from None
-    if not flops or not seconds:
-        raise ConfigError(f"--bench {path}: its 'none' entry has no FLOP count or time")
+    flops = _positive(flops, path, "the 'none' entry's flops_per_step")
+    seconds = _positive(seconds, path, "the 'none' entry's median seconds per step")
     return Rate(flops / seconds, f"{device} {precision}, measured by ablate bench ({path})")
 
 
-def dry_run_lines(sweep: Sweep, forks: dict[str, Fork], bench: Path | None = None) -> list[str]:
+def pack_speedups(path: Path | None) -> dict[int, float]:
+    """Images/s of a pack of K trials over K separate steps' (the K = 1 step's images/s), from
+    the ``packs`` part of an ``ablate bench --pack ... --json`` file (empty without one)."""
+    if path is None:
+        return {}
+    rows = _bench_report(path).get("packs")
+    if not isinstance(rows, list):
+        return {}  # no pack measurement in it: packs are priced as separate trials
+    speeds = {}
+    for row in rows:
+        if isinstance(row, dict) and "error" not in row and isinstance(row.get("k"), int):
+            speeds[row["k"]] = _positive(row.get("images_per_s"), path,
+                                         f"the images/s of the pack of {row['k']}")
+    if 1 not in speeds:
+        return {}
+    return {k: v / speeds[1] for k, v in speeds.items()}
+
+
+def dry_run_lines(sweep: Sweep, forks: dict[str, Fork], bench: Path | None = None,
+                  packs: list[list[str]] | None = None) -> list[str]:
     """What ``ablate run --dry-run`` prints: each trial with the epochs it trains (and where a
-    fork starts it), the sweep's epochs with and without forking, and the GPU-hours at the
-    measured rate (``bench``: an ``ablate bench --json`` file; default the H200 measurement)."""
+    fork starts it, and its pack), the sweep's epochs with and without forking, and the
+    GPU-hours at the measured rate (``bench``: an ``ablate bench --json`` file; default the H200
+    measurement), a pack of K trials at the measured speed of K (``ablate bench --pack``)."""
     rate = rate_from_bench(bench) if bench else default_rate()
+    packs = packs or [[t.key] for t in sweep.trials]
+    pack_of = {key: i for i, pack in enumerate(packs, start=1) for key in pack if len(pack) > 1}
     lines = []
     for i, config in enumerate(sweep.trials):
         fork = forks.get(config.key)
         starts = f", the first {fork.epochs} from {fork.parent}" if fork else ""
-        lines.append(f"{i:4d}  {config.key}  ({config.epochs} epochs{starts})")
+        pack = f", pack {pack_of[config.key]}" if config.key in pack_of else ""
+        lines.append(f"{i:4d}  {config.key}  ({config.epochs} epochs{starts}{pack})")
     lines.append(f"{len(sweep.trials)} trials, {sweep.total_epochs:,} epochs in total; "
                  f"{epochs_to_train(sweep.trials, forks):,} to train "
                  + (f"with {len(forks)} trials forked from their baselines (--no-fork: "
                     f"{sweep.total_epochs:,})" if forks else "(no trial forks)"))
-    hours = gpu_hours(sweep.trials, forks, rate)
+    by_key = sweep.by_key
+    speedups = pack_speedups(bench)
+    hours, unmeasured = 0.0, set()
+    for pack in packs:
+        alone = gpu_hours([by_key[k] for k in pack], forks, rate)
+        speedup = speedups.get(len(pack), 1.0)
+        if len(pack) > 1 and len(pack) not in speedups:
+            unmeasured.add(len(pack))
+        hours += alone / speedup
     amount = f"about {hours:,.0f}" if hours >= 10 else f"about {hours:.1f}" \
         if hours >= 0.1 else "under 0.1"
     lines.append(f"{amount} GPU-hours on {rate.source}; an estimate from each trial's FLOPs at "
                  "that measured speed (see docs/method.md D.2)")
+    if len(pack_of):
+        lines.append(f"{len(pack_of)} trials in {len(set(pack_of.values()))} packs" + (
+            f"; packs of {', '.join(map(str, sorted(unmeasured)))} priced as separate trials: "
+            "their speed is not measured (pass --bench with a file of `ablate bench --pack "
+            "1,2,4,... --json`)" if unmeasured else ", at the speeds --bench measured"))
     return lines
 
 

@@ -111,15 +111,17 @@ def eval_bytes_per_image(model: nn.Module, image: torch.Tensor) -> int:
         model.train(was_training)
 
 
-def eval_batch_size(model: nn.Module, image: torch.Tensor, device: torch.device) -> int:
-    """The evaluation batch when the config leaves it open: CPU_EVAL_BATCH on the CPU; on a GPU
-    as many images as fit in EVAL_MEMORY_SHARE of the free memory (at least 32, at most
-    MAX_EVAL_BATCH). The trainer halves it if a batch still runs out of memory."""
+def eval_batch_size(model: nn.Module, image: torch.Tensor, device: torch.device,
+                    copies: int = 1) -> int:
+    """The evaluation batch per network when the config leaves it open: CPU_EVAL_BATCH on the
+    CPU; on a GPU as many images as fit in EVAL_MEMORY_SHARE of the free memory, shared by the
+    ``copies`` networks of a pack (at least 32, at most MAX_EVAL_BATCH). The trainer halves it
+    if a batch still runs out of memory."""
     if device.type != "cuda":
         return CPU_EVAL_BATCH
     free, _ = torch.cuda.mem_get_info(device)
     per_image = eval_bytes_per_image(model, image)
-    return int(min(MAX_EVAL_BATCH, max(32, EVAL_MEMORY_SHARE * free // per_image)))
+    return int(min(MAX_EVAL_BATCH, max(32, EVAL_MEMORY_SHARE * free // per_image // copies)))
 
 
 def oom_line(err: BaseException) -> str:

@@ -17,7 +17,7 @@ from .attacks import autoattack_accuracy
 from .config import TrialConfig
 from .curves import best_last
 from .data import Data, load_data
-from .checkpoint import load_best, load_torch
+from .checkpoint import load_best, read
 from .io import load_json, save_json
 from .provenance import provenance
 from .device import eval_batch_size, resolve_device
@@ -69,7 +69,7 @@ def autoattack_trial(config: TrialConfig, workdir: Path, n: int, data: Data,
     device = resolve_device(config.device)
     torch.backends.cudnn.benchmark = False
     model = build_trial_model(config, data.info).to(device)
-    checkpoint = load_torch(workdir / files.CHECKPOINT)
+    checkpoint = read(workdir / files.CHECKPOINT, config.key)
     threat = config.threat_model
     partial_path = workdir / files.AUTOATTACK_PARTIAL
     partial = load_json(partial_path) if partial_path.exists() else {}
@@ -103,12 +103,11 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
 
     run = RunDir.open(location)
     loaded: dict[tuple, Data] = {}
-    done = []
-    for key, config in run.trials().items():
-        summary_path = run.trial_dir(key) / files.SUMMARY
-        if not summary_path.exists():
+    todo = []  # every trial's files are checked before the first attack: a damaged one is
+    for key, config in run.trials().items():  # named before any work, and nothing changes
+        summary = run.trial_summary(key)
+        if summary is None:
             continue  # not finished: nothing final to attack yet
-        summary = load_json(summary_path)
         source = (config.dataset, config.data_root, config.download)
         if source not in loaded:
             loaded[source] = load_data(*source)
@@ -119,9 +118,13 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
         if device:
             config = config.replace(device=device)  # where it runs is not part of the key
         run.sync(files.trial_file(key, files.CHECKPOINT))
-        best = load_torch(run.trial_dir(key) / files.CHECKPOINT).get("best_epoch")
-        if best is not None:  # else a 0.2.0 checkpoint, which holds the best weights
-            run.sync(files.trial_file(key, files.best_checkpoint(best)))
+        state = read(run.trial_dir(key) / files.CHECKPOINT, key)
+        if state.get("best_epoch") is not None:  # else 0.2.0's, which holds the best weights
+            run.sync(files.trial_file(key, files.best_checkpoint(state["best_epoch"])))
+        load_best(run.trial_dir(key), state)  # refuses another trial's
+        todo.append((key, config, summary, data, n))
+    done = []
+    for key, config, summary, data, n in todo:
         echo(f"{key}: AutoAttack on {n} test images, best and last weights")
         summary.update(autoattack_trial(config, run.trial_dir(key), n, data, batch_size))
         run.write_json(files.trial_file(key, files.SUMMARY), summary)

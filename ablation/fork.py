@@ -72,6 +72,11 @@ def _shared(parent: TrialConfig, child: TrialConfig, batches: int) -> int:
     return child.epochs - 1
 
 
+def same_base(a: TrialConfig, b: TrialConfig) -> bool:
+    """Whether two trials are the same trial up to their intervention (runtime fields aside)."""
+    return _base(a) == _base(b)
+
+
 def _base(config: TrialConfig) -> str:
     """The trial's identity without its intervention."""
     return json.dumps({k: v for k, v in config.identity().items()
@@ -139,6 +144,11 @@ def fork_waits(forks: dict[str, Fork], todo: Iterable[str],
 FINISHED = "FINISHED"  # ForkQueue.next() once every trial has been handed out
 
 
+def _trials(params: dict[str, Any]) -> list[str]:
+    """The trials an item of the queue trains: a pack's (``"trials"``) or its own ``"key"``."""
+    return [t["key"] for t in params["trials"]] if "trials" in params else [params["key"]]
+
+
 class ForkQueue:
     """The order in which a sweep's trials start: first the baselines that other trials fork
     from, then the trials that wait for nothing, and each trial of ``waiting`` once its parent's
@@ -147,9 +157,11 @@ class ForkQueue:
     writing it or ended, is handed out without its fork (``"fork": None``) and trains from
     scratch: nothing waits forever.
 
-    ``params`` are what each trial receives (:func:`ablation.store.trial_params`), each naming its
-    ``key``. The dispatcher tells the queue what the trials it started do (:meth:`reported`,
-    :meth:`ended`) and asks it for the next one (:meth:`next`)."""
+    ``params`` are what each item receives: a trial's params (:func:`ablation.store.trial_params`)
+    or a pack of them (:func:`ablation.store.dispatch_units`: ``"trials"``), each naming its
+    ``key``; ``waiting`` holds items by that key. The dispatcher tells the queue what the trials
+    it started do (:meth:`reported`, :meth:`ended`, by trial key) and asks it for the next item
+    (:meth:`next`)."""
 
     def __init__(self, params: Iterable[dict[str, Any]], waiting: dict[str, Fork],
                  ready: Iterable[tuple[str, int]] = ()):
@@ -157,7 +169,7 @@ class ForkQueue:
         self.forks = dict(waiting)
         parents = {f.parent for f in self.forks.values()}
         self.queue = sorted((p for p in params if p["key"] not in self.forks),
-                            key=lambda p: p["key"] not in parents)  # stable: parents first
+                            key=lambda p: not parents & set(_trials(p)))  # stable: parents first
         self.held = {p["key"]: p for p in params if p["key"] in self.forks}
         self.ready, self.over = set(ready), set()
         self.epochs: dict[str, int] = {}  # epochs each started trial has reported
@@ -165,7 +177,7 @@ class ForkQueue:
     @property
     def waiting(self) -> list[str]:
         """The keys of the trials held until their parent's fork file exists (or cannot)."""
-        return sorted(self.held)
+        return sorted(k for p in self.held.values() for k in _trials(p))
 
     def next(self) -> dict[str, Any] | str | None:
         """The params of the next trial to start; None while only held trials are left (ask

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from .errors import ConfigError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -45,4 +47,20 @@ def save_parquet(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def load_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's contents. Text that is not UTF-8, not JSON or nested too deep for Python's
+    parser raises ValueError (the caller names the file and what to do)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode())
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Refuse, before anything is written, a folder to create or write that lies under a file
+    (or is one) or under a folder this user cannot write; ``what`` names it ("--out")."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file; pass another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: cannot write into {existing}; pass another {what}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from .config import TrialConfig, load_trial
 from .curves import best_last
 from .errors import ConfigError, quote
 from .evaluate import write_summary
-from .io import atomic_path, load_json, save_parquet
+from .io import atomic_path, check_folder, load_json, save_parquet
 from .trainer import Reporter, Trainer
 
 
@@ -61,12 +60,7 @@ def check_out_folder(config: TrialConfig, out: Path) -> None:
     """Refuse, before anything is written, an output folder that cannot be written or whose
     config.yaml or summary.json is another trial's or unreadable; the trainer refuses another
     trial's checkpoint the same way."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{out}: cannot be the output folder, {existing} is a file; pass "
-                          "another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{out}: cannot write into {existing}; pass another --out")
+    check_folder(out, "--out")
     path = out / files.TRIAL_CONFIG
     if path.exists():
         try:

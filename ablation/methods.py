@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import pgd, trades_attack, trades_kl
+from .attacks import mean_ce, pgd, random_start, trades_attack, trades_kl, trades_start
 from .config import TrialConfig
 
 
@@ -24,12 +23,19 @@ class Method:
         self.attack_in_train_mode = config.train_attack_mode == "train"
         self.beta = config.trades_beta
 
-    def attack(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """The adversarial training batch; leaves the model in the mode the attack ran in."""
+    def attack(self, model: nn.Module, x: Tensor, y: Tensor, start: Tensor | None = None
+               ) -> Tensor:
+        """The adversarial training batch from ``start`` (drawn here by :meth:`draw_start` when
+        None); leaves the model in the mode the attack ran in."""
         model.train(self.attack_in_train_mode)
-        return self._attack(model, x, y)
+        return self._attack(model, x, y, start)
 
-    def _attack(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def draw_start(self, x: Tensor) -> Tensor:
+        """The attack's random start for the batch ``x``: the only random numbers it draws, so
+        a pack of trials that share ``x`` draws it once, as each trial alone would."""
+        raise NotImplementedError
+
+    def _attack(self, model: nn.Module, x: Tensor, y: Tensor, start: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,8 +54,11 @@ class AT(Method):
     ``strategies.METHODS["at"]``).
     """
 
-    def _attack(self, model, x, y):
-        x_adv = pgd(model, x, y, self.threat, self.steps)
+    def draw_start(self, x):
+        return random_start(x, self.threat)
+
+    def _attack(self, model, x, y, start):
+        x_adv = pgd(model, x, y, self.threat, self.steps, delta=start)
         if model.training:
             # Rice's attack_pgd ends with one more forward at the final point to pick the best
             # restart; with one restart the pick is moot, but in train mode that pass moves BN's
@@ -60,10 +69,10 @@ class AT(Method):
 
     def loss(self, model, x, x_adv, y):
         logits_adv = model(x_adv)
-        return F.cross_entropy(logits_adv, y), logits_adv
+        return mean_ce(logits_adv, y, model), logits_adv
 
     def proxy_loss(self, proxy, x, x_adv, y):
-        return F.cross_entropy(proxy(x_adv), y)
+        return mean_ce(proxy(x_adv), y, proxy)
 
 
 class TRADES(Method):
@@ -73,8 +82,11 @@ class TRADES(Method):
     epoch 9) and give the proxy SGD their training lr, 0.1 (B §4.2; ``strategies.METHODS``).
     """
 
-    def _attack(self, model, x, y):
-        return trades_attack(model, x, self.threat, self.steps)
+    def draw_start(self, x):
+        return trades_start(x)
+
+    def _attack(self, model, x, y, start):
+        return trades_attack(model, x, self.threat, self.steps, start=start)
 
     def loss(self, model, x, x_adv, y):
         # The authors' three train-mode passes, in their order: x_adv, x as the KL target, x again
@@ -82,13 +94,13 @@ class TRADES(Method):
         # would see the clean batch once instead of twice, and the next batch's eval-mode attack
         # reads those statistics (B §6).
         logits_adv = model(x_adv)
-        kl = trades_kl(logits_adv, model(x))
-        return F.cross_entropy(model(x), y) + self.beta * kl, logits_adv
+        kl = trades_kl(logits_adv, model(x), model)
+        return mean_ce(model(x), y, model) + self.beta * kl, logits_adv
 
     def proxy_loss(self, proxy, x, x_adv, y):
         # The TRADES-AWP proxy's passes in the authors' order: x for the CE, x_adv, x as KL target.
-        ce = F.cross_entropy(proxy(x), y)
-        return ce + self.beta * trades_kl(proxy(x_adv), proxy(x))
+        ce = mean_ce(proxy(x), y, proxy)
+        return ce + self.beta * trades_kl(proxy(x_adv), proxy(x), proxy)
 
 
 METHODS: dict[str, type[Method]] = {"at": AT, "trades": TRADES}

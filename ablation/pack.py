@@ -7,11 +7,9 @@ trains K trials of a sweep this way; this module knows nothing of trials.
 A packed network takes the K copies' inputs concatenated along the batch dimension, (K*B, ...),
 and returns their outputs the same way, so code written for one network (the attacks, the
 methods' losses) runs on K unchanged: element-wise arithmetic and per-sample norms act per copy
-and sample. One rule makes the gradients per copy too: a loss that averages over the whole
-(K*B) batch averages over K copies, so the packed output multiplies the gradient it passes back
-by K; each copy then receives the gradient of its own mean over its B samples, as it would
-alone. (A loss that sums instead, TRADES' inner KL, gets K times its gradient: it only feeds the
-attack's sign or norm-normalised step, which that scale does not change.)
+and sample. Losses that average over a batch average per copy (``pack_size``, read by
+:func:`ablation.attacks.mean_ce`): the sum of the K means, whose gradient for each copy is that
+of its own mean, as it would be alone.
 
 BatchNorm's running statistics are stacked buffers updated in place by each copy's forward in
 train mode, as a lone network's are (``torch.func``'s documented replacement of BatchNorm drops
@@ -28,19 +26,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 
-class _Scale(torch.autograd.Function):
-    """The identity forward; the gradient times ``factor`` backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, factor: int) -> Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
-
-
 class PackedNet:
     """K copies of ``template``'s architecture with stacked weights, called like one network.
 
@@ -51,10 +36,18 @@ class PackedNet:
 
     def __init__(self, template: nn.Module, params: dict[str, Tensor],
                  buffers: dict[str, Tensor]):
-        self.template = copy.deepcopy(template).to("meta")  # the architecture, no storage
+        """``template``: the architecture on the meta device (:meth:`template_of`), whose
+        train/eval mode is the pack's."""
+        self.template = template
         self.params, self.buffers = params, buffers
         self.size = len(next(iter(params.values())))
         self._forward = vmap(self._one, in_dims=(0, 0, 0))
+
+    @staticmethod
+    def template_of(model: nn.Module | "PackedNet") -> nn.Module:
+        """A storage-free copy of the architecture (a mode of its own)."""
+        source = model.template if isinstance(model, PackedNet) else model
+        return copy.deepcopy(source).to("meta")
 
     @classmethod
     def stack(cls, models: Sequence[nn.Module]) -> "PackedNet":
@@ -64,14 +57,18 @@ class PackedNet:
         params = {n: torch.stack([p[n].detach() for p in named]).requires_grad_(True)
                   for n in named[0]}
         buffers = {n: torch.stack([b[n].detach() for b in stored]) for n in stored[0]}
-        return cls(models[0], params, buffers)
+        return cls(cls.template_of(models[0]).train(models[0].training), params, buffers)
 
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = self._forward(self.params, self.buffers, x.unflatten(0, (self.size, -1)))
-        return _Scale.apply(out.flatten(0, 1), self.size)
+        return self._forward(self.params, self.buffers,
+                             x.unflatten(0, (self.size, -1))).flatten(0, 1)
+
+    @property
+    def pack_size(self) -> int:
+        return self.size
 
     @property
     def training(self) -> bool:

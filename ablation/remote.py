@@ -11,6 +11,8 @@ a crash never leaves a torn file at the URI.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -20,7 +22,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from .errors import AblateError, ConfigError
+from .errors import AblateError, ConfigError, RunFailed
 from .io import atomic_path
 
 CHUNK = 8 << 20
@@ -35,6 +37,9 @@ def mirror_dir(uri: str) -> Path:
     cache = Path(os.environ.get("ABLATE_CACHE", "~/.cache/ablate")).expanduser()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", uri.split("?")[0].split("://", 1)[1]).strip("_")
     return cache / f"{slug[-60:]}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
+
+
+FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 
 
 class Remote:
@@ -53,8 +58,17 @@ class Remote:
     def _path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
-    def _fail(self, what: str, rel: str, err: Exception) -> AblateError:
-        return AblateError(f"{self.uri}: cannot {what} {rel or '.'}: {str(err).splitlines()[0]}")
+    def _fail(self, what: str, rel: str, err: Exception) -> Exception:
+        """One line naming the URI: a full target (pyarrow keeps the errno only in its text)
+        is work to resume (RunFailed, exit 1), anything else a location to fix."""
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        number = getattr(err, "errno", None)
+        if number not in FULL:
+            number = next((n for n in FULL if f"errno {n}]" in text.lower()), None)
+        if number in FULL:
+            return RunFailed(f"{self.uri}: {FULL[number]} (writing {rel}); free some space "
+                             "there, then run the same command again to resume")
+        return AblateError(f"{self.uri}: cannot {what} {rel or '.'}: {text}")
 
     def upload(self, local: Path, rel: str) -> None:
         """Copy a local file to ``rel``, replacing the object there in one step: an object
@@ -73,6 +87,9 @@ class Remote:
             if not whole:
                 self.fs.move(written, target)
         except OSError as err:
+            if not whole:  # a full disk, say: leave nothing half-written at the target
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(written)
             raise self._fail("write", rel, err) from None
 
     def download(self, rel: str, local: Path) -> bool:

@@ -13,6 +13,7 @@ is pushed back at once.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -28,11 +29,23 @@ from . import files
 from .config import TrialConfig, from_dict
 from .curves import best_last
 from .errors import AblateError, ConfigError
-from .fork import ForkWaits
+from .fork import Fork, ForkWaits, same_base
 from .grid import Sweep
 from .io import atomic_path, load_json, save_json, save_parquet
 from .remote import Remote, is_uri, mirror_dir
 
+
+
+def read_curve(path: Path, name: str) -> pd.DataFrame:
+    """One trial's stored curve; a file that is not a readable Parquet table is named. The file
+    is read in one go: pyarrow opens a path more than once, and a driver that replaces the file
+    in between (``ablate status`` during a run) would hand it parts of two files."""
+    try:
+        return pd.read_parquet(io.BytesIO(path.read_bytes()))
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise AblateError(f"{name}: not a readable curve ({type(err).__name__}); move it out "
+                          "of the run folder (the trial's checkpoint.pt still holds its rows)") \
+            from None
 
 
 class RunDir:
@@ -149,12 +162,25 @@ class RunDir:
         """The trials this folder holds, by key."""
         if not self.exists():
             raise AblateError(f"{self.location}: not an ablate run folder (no sweep.json)")
-        manifest = json.loads(self.manifest_path.read_text())
-        return {key: from_dict(raw, source=str(self.manifest_path))
-                for key, raw in manifest["trials"].items()}
+        return {key: from_dict(raw, source=self.where(files.SWEEP))
+                for key, raw in self.manifest()["trials"].items()}
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        """``sweep.json``: the run's name, description and trials. The folder cannot rebuild it
+        (it records what was asked), so a damaged one is named, with the way to write it again."""
+        try:
+            manifest = load_json(self.manifest_path)
+            problem = None if isinstance(manifest, dict) and isinstance(
+                manifest.get("trials"), dict) and all(
+                isinstance(t, dict) for t in manifest["trials"].values()) \
+                else "not the object of trials ablate writes"
+        except ValueError as err:
+            problem = f"not valid JSON ({err.__class__.__name__})"
+        if problem:
+            raise AblateError(f"{self.where(files.SWEEP)}: {problem}; move it away and run "
+                              "`ablate run` with the sweep file and this --storage to write it "
+                              "again (the trials' files are kept)")
+        return manifest
 
     def write_manifest(self, sweep: Sweep) -> None:
         self.write_json(files.SWEEP, {"name": sweep.name, "description": sweep.description,
@@ -170,7 +196,8 @@ class RunDir:
         """The stored curve of one trial (empty if none)."""
         if key not in self._curves:
             path = self.root / files.curves_file(key)
-            self._curves[key] = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+            self._curves[key] = read_curve(path, self.where(files.curves_file(key))) \
+                if path.exists() else pd.DataFrame()
         return self._curves[key]
 
     def add_epochs(self, config: TrialConfig, rows: list[dict[str, Any]]) -> None:
@@ -197,8 +224,27 @@ class RunDir:
         self.rebuild_summaries()
 
     def summaries(self) -> pd.DataFrame:
+        """``summary.parquet`` as stored (empty when absent or unreadable: it is derived, and
+        :meth:`rebuild_summaries` writes it again)."""
         path = self.root / files.SUMMARY_TABLE
-        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+        try:
+            return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+        except Exception:  # pyarrow raises several types for a damaged file
+            return pd.DataFrame()
+
+    def trial_summary(self, key: str) -> dict[str, Any] | None:
+        """A trial's ``summary.json`` (None before the trial finishes); a damaged one is named."""
+        rel = files.trial_file(key, files.SUMMARY)
+        if not (self.root / rel).exists():
+            return None
+        try:
+            summary = load_json(self.root / rel)
+            if not isinstance(summary, dict):
+                raise ValueError
+        except ValueError:
+            raise AblateError(f"{self.where(rel)}: not a summary ablate wrote; delete it to "
+                              "have the trial's final numbers written again") from None
+        return summary
 
     def rebuild_summaries(self, write: bool = True, fetch: bool = True) -> pd.DataFrame:
         """Make ``summary.parquet`` what the trial folders say: one row per trial whose
@@ -217,15 +263,9 @@ class RunDir:
                 rel = files.trial_file(key, files.SUMMARY)
                 if self.remote and fetch:
                     self.sync(rel)
-                path = self.root / rel
-                if not path.exists():
-                    continue
-                try:
-                    summary = load_json(path)
-                except (ValueError, UnicodeDecodeError):
-                    raise AblateError(f"{self.where(rel)}: not valid JSON; delete it to have the "
-                                      "trial's final numbers written again") from None
-                rows.append({**config.columns(), **summary})
+                summary = self.trial_summary(key)
+                if summary is not None:
+                    rows.append({**config.columns(), **summary})
             table = pd.DataFrame(rows)
             stored = self.summaries()
             if write and not (len(table) == len(stored) and table.equals(stored)):
@@ -239,15 +279,30 @@ class RunDir:
         return self.root / files.STATE
 
     def states(self) -> dict[str, Any]:
-        if not self.state_path.exists():
-            return {"trials": {}, "driver": None}
-        return json.loads(self.state_path.read_text())
+        """``state.json``: what the driver last said (trial states, what pending trials wait
+        for, packs, its heartbeat). Derived and rewritten by every driver, so a damaged or
+        foreign one reads as absent."""
+        empty = {"trials": {}, "driver": None}
+        try:
+            state = load_json(self.state_path) if self.state_path.exists() else empty
+        except ValueError:
+            return empty
+        if not isinstance(state, dict):
+            return empty
+        fields = {"trials": dict, "packs": dict, "waiting": str, "driver": dict}
+        return {**empty, **{k: v for k, v in state.items()
+                            if k in fields and isinstance(v, fields[k])}}
 
-    def write_states(self, trials: dict[str, str], waiting: str | None = None) -> None:
-        """Per-trial states, what pending trials wait for (one line, or None) and the driver's
-        heartbeat (pid, host, time)."""
-        self.write_json(files.STATE, {"trials": trials, "waiting": waiting, "driver": {
-            "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}})
+    def write_states(self, trials: dict[str, str], waiting: str | None = None,
+                     packs: dict[str, str] | None = None) -> None:
+        """Per-trial states, what pending trials wait for (one line, or None), the pack each
+        trial trains in (given once per run, kept for the later writes; trials alone are left
+        out) and the driver's heartbeat (pid, host, time)."""
+        if packs is not None:
+            self._packs = packs
+        self.write_json(files.STATE, {
+            "trials": trials, "waiting": waiting, "packs": getattr(self, "_packs", {}),
+            "driver": {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}})
 
 
 def plan(run: RunDir, sweep: Sweep, restart_errored: bool) -> dict[str, TrialConfig]:
@@ -302,9 +357,48 @@ def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
     return out
 
 
+def plan_packs(trials: list[TrialConfig], forks: dict[str, Fork], size: int) -> list[list[str]]:
+    """The packs of a sweep's trials (keys), trained together ``size`` at a time: trials that
+    differ only in their intervention and start alike (from the same baseline's fork file after
+    the same epochs, or from scratch), in key order. Formed from the whole sweep, never from what
+    is left to do, so a resumed sweep forms the same packs."""
+    groups: dict[tuple, list[str]] = {}
+    for trial in sorted(trials, key=lambda t: t.key):
+        fork = forks.get(trial.key)
+        start = (fork.parent, fork.epochs) if fork else None
+        group = next((g for g in groups if g[1] == start and same_base(g[0], trial)),
+                     (trial, start))
+        groups.setdefault(group, []).append(trial.key)
+    return [keys[i:i + size] for keys in groups.values() for i in range(0, len(keys), size)]
+
+
+def dispatch_units(params: list[dict[str, Any]], packs: list[list[str]],
+                   waits: ForkWaits) -> tuple[list[dict[str, Any]], dict[str, Fork]]:
+    """What the dispatcher hands out: one unit per pack with trials still to run (``params``
+    of :func:`trial_params`), named by its first trial's key, and the units that wait for a
+    fork file (the fork of their trials that wait for one)."""
+    by_key = {p["key"]: p for p in params}
+    units, waiting = [], {}
+    for pack in packs:
+        members = [by_key[k] for k in pack if k in by_key]
+        if not members:
+            continue
+        unit = {"key": members[0]["key"], "trials": members}
+        fork = next((waits.waiting[m["key"]] for m in members if m["key"] in waits.waiting),
+                    None)
+        if fork is not None:
+            waiting[unit["key"]] = fork
+        units.append(unit)
+    return units, waiting
+
+
 def _driver_alive(driver: dict[str, Any] | None) -> bool:
     if not driver:
         return False
+    pid, host, when = driver.get("pid"), driver.get("host"), driver.get("time")
+    if not (isinstance(pid, int) and 0 < pid < 2**31 and isinstance(host, str)
+            and isinstance(when, (int, float))):
+        return False  # not a heartbeat ablate wrote
     if driver["host"] != socket.gethostname():  # another machine: trust a recent heartbeat
         return time.time() - driver["time"] < 3600
     try:
@@ -317,10 +411,13 @@ def _driver_alive(driver: dict[str, Any] | None) -> bool:
 
 
 def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
-    """One row per trial (state, epochs, best and current test robust accuracy) and the
-    estimated seconds left (None when nothing has been timed yet)."""
+    """One row per trial (state, epochs, best and current test robust accuracy, the pack it
+    trains in: a number, 0 alone) and the estimated seconds left (None when nothing has been
+    timed yet)."""
     trials = run.trials()
     recorded = run.states()
+    packs = recorded.get("packs") or {}
+    numbers_of = {unit: i for i, unit in enumerate(dict.fromkeys(packs.values()), start=1)}
     alive = _driver_alive(recorded["driver"])
     rows, seconds, remaining = [], [], 0
     for key, config in trials.items():
@@ -340,6 +437,7 @@ def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
         remaining += 0 if state == "done" else config.epochs - done
         numbers = best_last(curve) if done else {}
         rows.append({"key": key, "state": state, "epochs": f"{done}/{config.epochs}",
+                     "pack": numbers_of.get(packs.get(key), 0),
                      "best_robust": numbers.get("best_test_robust_acc", float("nan")),
                      "current_robust": numbers.get("last_test_robust_acc", float("nan"))})
     running = sum(r["state"] == "running" for r in rows)

@@ -60,19 +60,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every CUDA device too
 
 
-class Trainer:
-    """One trial: data and model on the device, the method, the intervention and the optimizer."""
+class Loop:
+    """What the trainer of one trial and the trainer of a pack of ``k`` trials share: the device
+    and precision, the data on the device, the model's input format, and the per-epoch evaluation
+    (``self.model`` is the network, or the pack's K networks as one, :mod:`ablation.pack`)."""
 
-    def __init__(self, config: TrialConfig, workdir: str | Path, data: Data | None = None,
-                 fork: Fork | None = None, fork_points: Iterable[int] = ()):
-        """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images).
+    k = 1  # trials trained at once
 
-        A folder without a checkpoint starts from ``fork``'s parent checkpoint when that file
-        is given and exists (see :func:`fork_path`); ``fork_points`` are the epoch counts after
-        which this trial writes such a file for the trials that fork from it.
-        """
-        self.config = config
-        self.workdir = Path(workdir).resolve()  # Ray may change the working directory
+    def __init__(self, config: TrialConfig, data: Data | None):
         self.device = resolve_device(config.device)
         check_precision(config.precision, self.device)
         self.dtype = dtype_of(config.precision)
@@ -84,12 +79,176 @@ class Trainer:
         if data is None:
             data = load_data(config.dataset, config.data_root, config.download)
         self.data = data.to(self.device)
-        self.model = build_trial_model(config, self.data.info).to(self.device, self.dtype)
         self.memory_format = (torch.channels_last if config.channels_last
                               else torch.contiguous_format)
-        self.model.to(memory_format=self.memory_format)
+        self.dataset, self.precision = config.dataset, config.precision
+        self.eval_threat = config.threat_model
+        # A fixed subset of the (unaugmented) training set, attacked in eval mode each epoch (A.8).
+        n_train = len(self.data.train_y)
+        chooser = torch.Generator().manual_seed(config.seed)
+        index = torch.randperm(n_train, generator=chooser)[:min(config.train_eval_size, n_train)]
+        self.train_eval = (self.data.train_x[index.to(self.device)],
+                           self.data.train_y[index.to(self.device)])
+
+    def build_model(self, config: TrialConfig) -> torch.nn.Module:
+        """The trial's network on the device, in its dtype and memory layout (its initial
+        weights are the next draws of torch's generator, in that dtype: an fp64 trial's are
+        drawn in float64, not drawn in float32 and cast, whose last bit differs between CPU
+        kernel paths, docs/method.md C.8)."""
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            model = build_trial_model(config, self.data.info)
+        finally:
+            torch.set_default_dtype(before)
+        model = model.to(self.device, self.dtype)
+        model.to(memory_format=self.memory_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        return model
+
+    def autocast(self):
+        """The trial's autocast region (bf16; a no-op in the other precisions)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def epoch_batches(self, cfg: TrialConfig, epoch: int
+                      ) -> Iterator[tuple[int, int, float, Tensor, Tensor]]:
+        """(index, batches, scheduled LR, images, labels) of each batch of an epoch of ``cfg``:
+        the training set shuffled (no drop_last: the last batch is smaller, B §1.1), augmented."""
+        n = len(self.data.train_y)
+        batches = math.ceil(n / cfg.batch_size)
+        order = torch.randperm(n, device=self.device)
+        for i in range(batches):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            yield (i, batches, learning_rate(cfg, schedule_time(cfg, epoch, i, batches)),
+                   self.batch(self.data.train_x[idx], augmented=True), self.data.train_y[idx])
+
+    def batch(self, x: Tensor, augmented: bool = False) -> Tensor:
+        """uint8 images as model inputs in [0, 1], augmented for training, in the model's dtype
+        and memory layout (augmentation's gather returns NCHW whatever it was given)."""
+        x = x.to(self.dtype).div_(255)
+        if augmented:
+            x = augment(x, self.dataset)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def expand(self, t: Tensor) -> Tensor:
+        """One batch for each of the ``k`` trials, concatenated (the pack's input)."""
+        if self.k == 1:
+            return t
+        return t.repeat(self.k, *[1] * (t.dim() - 1)).contiguous(
+            memory_format=self.memory_format if t.dim() == 4 else torch.contiguous_format)
+
+    @contextmanager
+    def _input_gradients_only(self) -> Iterator[None]:
+        """Weights stop requiring gradients for an attack, which needs d loss / d x alone. Eager
+        autograd then records no weight-gradient nodes; a compiled graph (AOTAutograd's joint
+        graph) would otherwise compute every weight gradient too, ~40% more FLOPs per PGD
+        step. The values are the same. Frozen weights (fix-param) stay frozen."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def sums(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Each trial's summed cross-entropy and correct count of a batch, (k, 2), float64 (the
+        loss in float32, or float64 for an fp64 trial; bf16 logits are widened first)."""
+        logits = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+        if self.k == 1:
+            return torch.stack([F.cross_entropy(logits, y, reduction="sum"),
+                                (logits.argmax(1) == y).sum()]).double()[None]
+        losses = F.cross_entropy(logits, self.expand(y), reduction="none").view(self.k, -1)
+        correct = (logits.argmax(1) == self.expand(y)).view(self.k, -1)
+        return torch.stack([losses.sum(1), correct.sum(1)], 1).double()
+
+    def eval_rows(self, name: str, steps: tuple[int, int]) -> list[dict[str, float]]:
+        """Eval-mode metrics after an epoch, per trial: PGD on the fixed train subset, clean and
+        PGD on the test set (A.8). AutoAttack, on the final weights only, is ``evaluate.py``'s.
+        ``name`` names the trials in a message; ``steps`` are (train_steps, test_steps)."""
+        start = time.perf_counter()
+        rows: list[dict[str, float]] = [{} for _ in range(self.k)]
+        keys = ("loss", "acc", "robust_loss", "robust_acc")
+        if len(self.train_eval[1]):
+            train = self.attack_sums(*self.train_eval, steps[0], name)
+        else:
+            train = torch.full((self.k, 4), math.nan)
+        test = self.attack_sums(self.data.test_x, self.data.test_y, steps[1], name)
+        self._sync()
+        seconds = time.perf_counter() - start
+        for row, tr, te in zip(rows, train.tolist(), test.tolist()):
+            row.update({f"train_eval_{k}": v for k, v in zip(keys, tr)})
+            row.update({f"test_{k}": v for k, v in zip(keys, te)})
+            row["eval_seconds"] = seconds
+        return rows
+
+    def attack_sums(self, images: Tensor, labels: Tensor, steps: int, name: str) -> Tensor:
+        """Each trial's clean and PGD-``steps`` loss and accuracy in eval mode, (k, 4): loss,
+        acc, robust_loss, robust_acc.
+
+        The random starts of all images are drawn at once, so each image's attack (independent
+        of its batch-mates in eval mode) is the same whatever batch groups it (Linf exactly; L2
+        to about 1e-8, as its step divides the batch mean's gradient by its norm + 1e-10, see
+        docs/method.md D.3): a batch that runs out of GPU memory is halved and the evaluation
+        goes on from that batch. The trials of a pack share the draws, as each would alone.
+        """
+        self.model.eval()
+        sums = torch.zeros(self.k, 4, device=self.device, dtype=torch.float64)
+        images = self.batch(images)
+        starts = random_start(images, self.eval_threat)
+        i = 0
+        while i < len(labels):
+            bs = self.eval_batch
+            try:
+                sums += self._attack_batch(images[i:i + bs], labels[i:i + bs], steps,
+                                           starts[i:i + bs])
+            except torch.cuda.OutOfMemoryError as err:
+                if bs == 1:
+                    raise OutOfMemory(f"{name}: out of GPU memory evaluating one image: "
+                                      f"{oom_line(err)}") from None
+                self.eval_batch = bs // 2
+                torch.cuda.empty_cache()
+                warnings.warn(f"{name}: evaluation batch {bs} ran out of GPU memory; going on "
+                              f"with {self.eval_batch}", stacklevel=2)
+                continue
+            i += bs
+        return sums / len(labels)
+
+    def _attack_batch(self, x: Tensor, y: Tensor, steps: int, start: Tensor) -> Tensor:
+        """Each trial's summed clean loss, clean correct, PGD loss and PGD correct of one
+        evaluation batch, (k, 4)."""
+        x, y, start = self.expand(x), self.expand(y), self.expand(start)
+        with self.autocast():
+            with self._input_gradients_only():
+                x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=start)
+            with torch.no_grad():
+                logits_nat, logits_adv = self.model(x), self.model(x_adv)
+        y = y[:len(y) // self.k]
+        return torch.cat([self.sums(logits_nat, y), self.sums(logits_adv, y)], 1)
+
+
+class Trainer(Loop):
+    """One trial: data and model on the device, the method, the intervention and the optimizer."""
+
+    def __init__(self, config: TrialConfig, workdir: str | Path, data: Data | None = None,
+                 fork: Fork | None = None, fork_points: Iterable[int] = ()):
+        """``data`` replaces the config's dataset (the benchmark's random CIFAR-sized images).
+
+        A folder without a checkpoint starts from ``fork``'s parent checkpoint when that file
+        is given and exists (see :func:`fork_path`); ``fork_points`` are the epoch counts after
+        which this trial writes such a file for the trials that fork from it.
+        """
+        super().__init__(config, data)
+        self.config = config
+        self.workdir = Path(workdir).resolve()  # Ray may change the working directory
+        self.model = self.build_model(config)
         self.eval_batch = config.test_batch_size or eval_batch_size(
             self.model, self.batch(self.data.test_x[:1])[0], self.device)
         self.method = build_method(config)
@@ -118,13 +277,6 @@ class Trainer:
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay,
                                          fused=self.device.type == "cuda" or None)
-        self.eval_threat = config.threat_model
-        # A fixed subset of the (unaugmented) training set, attacked in eval mode each epoch (A.8).
-        n_train = len(self.data.train_y)
-        chooser = torch.Generator().manual_seed(config.seed)
-        index = torch.randperm(n_train, generator=chooser)[:min(config.train_eval_size, n_train)]
-        self.train_eval = (self.data.train_x[index.to(self.device)],
-                           self.data.train_y[index.to(self.device)])
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, Tensor] | None = None
         self.fork_points = sorted(set(fork_points))
@@ -152,11 +304,14 @@ class Trainer:
     def finished(self) -> bool:
         return self.epochs_done >= self.config.epochs
 
-    def fit(self, reporter: Reporter | None = None) -> list[dict[str, float]]:
-        """Train the remaining epochs; returns the whole per-epoch history."""
+    def fit(self, reporter: Reporter | None = None, until: int | None = None
+            ) -> list[dict[str, float]]:
+        """Train the remaining epochs (up to ``until`` epochs done, if given); returns the whole
+        per-epoch history."""
         reporter = reporter or Reporter()
         reporter.start(self.config, list(self.history))
-        for epoch in range(self.epochs_done, self.config.epochs):
+        for epoch in range(self.epochs_done, min(until or self.config.epochs,
+                                                 self.config.epochs)):
             row = self.train_epoch(epoch, reporter)
             row.update(self.eval_epoch())
             self.history.append(row)
@@ -173,55 +328,16 @@ class Trainer:
     def best_epoch(self) -> int:
         return best_last(self.history)["best_epoch"]
 
-    def autocast(self):
-        """The trial's autocast region (bf16; a no-op in the other precisions)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.config.precision == "bf16")
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def batch(self, x: Tensor, augmented: bool = False) -> Tensor:
-        """uint8 images as model inputs in [0, 1], augmented for training, in the model's dtype
-        and memory layout (augmentation's gather returns NCHW whatever it was given)."""
-        x = x.to(self.dtype).div_(255)
-        if augmented:
-            x = augment(x, self.config.dataset)
-        return x.contiguous(memory_format=self.memory_format)
-
-    @contextmanager
-    def _input_gradients_only(self) -> Iterator[None]:
-        """Weights stop requiring gradients for an attack, which needs d loss / d x alone. Eager
-        autograd then records no weight-gradient nodes; a compiled graph (AOTAutograd's joint
-        graph) would otherwise compute every weight gradient too, ~40% more FLOPs per PGD
-        step. The values are the same. Frozen weights (fix-param) stay frozen."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-
     def train_epoch(self, epoch: int, reporter: Reporter) -> dict[str, float]:
         """One pass over the shuffled, augmented training set; running train metrics (A.8)."""
         cfg, opt = self.config, self.optimizer
         start = time.perf_counter()
-        n = len(self.data.train_y)
-        batches = math.ceil(n / cfg.batch_size)  # no drop_last: the last batch is smaller (B §1.1)
-        order = torch.randperm(n, device=self.device)
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)
         first_bad = torch.full((), -1, device=self.device)
-        for i in range(batches):
-            lr = learning_rate(cfg, schedule_time(cfg, epoch, i, batches))
+        for i, batches, lr, x, y in self.epoch_batches(cfg, epoch):
             for group in opt.param_groups:
                 if not group.get("fixed_lr"):
                     group["lr"] = lr
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = self.batch(self.data.train_x[idx], augmented=True)
-            y = self.data.train_y[idx]
             try:
                 loss, logits_adv, logits_nat = self.train_step(epoch, x, y)
             except torch.cuda.OutOfMemoryError as err:
@@ -235,14 +351,10 @@ class Trainer:
             first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
             if (i + 1) % DIVERGENCE_CHECK == 0 or i + 1 == batches:
                 self._stop_if_diverged(first_bad, epoch, batches)
-            sums += torch.stack([
-                F.cross_entropy(logits_adv.detach().float(), y, reduction="sum"),
-                (logits_adv.argmax(1) == y).sum(),
-                F.cross_entropy(logits_nat.float(), y, reduction="sum"),
-                (logits_nat.argmax(1) == y).sum()]).double()
+            sums += torch.cat([self.sums(logits_adv, y), self.sums(logits_nat, y)], 1)[0]
             reporter.progress(epoch, i, batches)
         self._sync()
-        robust_loss, robust_acc, clean_loss, clean_acc = (sums / n).tolist()
+        robust_loss, robust_acc, clean_loss, clean_acc = (sums / len(self.data.train_y)).tolist()
         return {"epoch": epoch, "lr": lr, "lr_fixed": self._fixed_lr(),
                 "train_loss": clean_loss, "train_acc": clean_acc,
                 "train_robust_loss": robust_loss, "train_robust_acc": robust_acc,
@@ -291,64 +403,14 @@ class Trainer:
         return loss.detach(), logits_adv, logits_nat
 
     def eval_epoch(self) -> dict[str, float]:
-        """Eval-mode metrics after an epoch: PGD on the fixed train subset, clean and PGD on the
-        test set (A.8). AutoAttack, on the final weights only, is ``evaluate.py``'s."""
-        start = time.perf_counter()
+        """Eval-mode metrics after an epoch (:meth:`Loop.eval_rows`)."""
         cfg = self.config
-        out = {}
-        if len(self.train_eval[1]):
-            train = self.attack_metrics(*self.train_eval, cfg.train_steps)
-            out.update({f"train_eval_{k}": v for k, v in train.items()})
-        else:
-            out.update({f"train_eval_{k}": math.nan
-                        for k in ("loss", "acc", "robust_loss", "robust_acc")})
-        test = self.attack_metrics(self.data.test_x, self.data.test_y, cfg.test_steps)
-        out.update({f"test_{k}": v for k, v in test.items()})
-        self._sync()
-        out["eval_seconds"] = time.perf_counter() - start
-        return out
+        return self.eval_rows(f"trial {cfg.key}", (cfg.train_steps, cfg.test_steps))[0]
 
     def attack_metrics(self, images: Tensor, labels: Tensor, steps: int) -> dict[str, float]:
-        """Clean and PGD-``steps`` loss and accuracy of the model in eval mode.
-
-        The random starts of all images are drawn at once, so each image's attack (independent
-        of its batch-mates in eval mode) is the same whatever batch groups it: a batch that runs
-        out of GPU memory is halved and the evaluation goes on from that batch.
-        """
-        self.model.eval()
-        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        images = self.batch(images)
-        starts = random_start(images, self.eval_threat)
-        i = 0
-        while i < len(labels):
-            bs = self.eval_batch
-            try:
-                sums += self._attack_batch(images[i:i + bs], labels[i:i + bs], steps,
-                                           starts[i:i + bs])
-            except torch.cuda.OutOfMemoryError as err:
-                if bs == 1:
-                    raise OutOfMemory(f"trial {self.config.key}: out of GPU memory evaluating "
-                                      f"one image: {oom_line(err)}") from None
-                self.eval_batch = bs // 2
-                torch.cuda.empty_cache()
-                warnings.warn(f"trial {self.config.key}: evaluation batch {bs} ran out of GPU "
-                              f"memory; going on with {self.eval_batch}", stacklevel=2)
-                continue
-            i += bs
-        loss, acc, robust_loss, robust_acc = (sums / len(labels)).tolist()
-        return {"loss": loss, "acc": acc, "robust_loss": robust_loss, "robust_acc": robust_acc}
-
-    def _attack_batch(self, x: Tensor, y: Tensor, steps: int, start: Tensor) -> Tensor:
-        """Summed clean loss, clean correct, PGD loss and PGD correct of one evaluation batch."""
-        with self.autocast():
-            with self._input_gradients_only():
-                x_adv = pgd(self.model, x, y, self.eval_threat, steps, delta=start)
-            with torch.no_grad():
-                logits_nat, logits_adv = self.model(x).float(), self.model(x_adv).float()
-        return torch.stack([
-            F.cross_entropy(logits_nat, y, reduction="sum"), (logits_nat.argmax(1) == y).sum(),
-            F.cross_entropy(logits_adv, y, reduction="sum"), (logits_adv.argmax(1) == y).sum(),
-        ]).double()
+        """Clean and PGD-``steps`` loss and accuracy of the model in eval mode."""
+        sums = self.attack_sums(images, labels, steps, f"trial {self.config.key}")[0].tolist()
+        return dict(zip(("loss", "acc", "robust_loss", "robust_acc"), sums))
 
     def release(self) -> None:
         """Free the trainer's device memory (model, optimizer, AWP's proxy) for what runs after

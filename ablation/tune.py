@@ -1,6 +1,7 @@
-"""Ray Tune as the dispatcher: one Tune trial per ablate trial; the trainer stays Ray-free.
+"""Ray Tune as the dispatcher: one Tune trial per pack of ablate trials (a pack of one by
+default, ``--pack``); the trainer stays Ray-free.
 
-This module is the glue alone: the trainable over :func:`ablation.worker.run_trial`, the searcher
+This module is the glue alone: the trainable over :func:`ablation.worker.run_unit`, the searcher
 over :class:`ablation.fork.ForkQueue`, the driver's callback over :func:`ablation.worker.receive`,
 and the status line of what pending trials wait for. Joining Ray is :mod:`ablation.cluster`.
 
@@ -23,29 +24,30 @@ from .cluster import fits_a_node, fmt_resources, wait_for_capacity, waits_for_au
 from .config import TrialConfig
 from .errors import AblateError, RunFailed
 from .fork import FINISHED, Fork, ForkQueue, fork_waits
-from .store import RunDir, trial_params
-from .worker import failure, receive, run_trial
+from .store import RunDir, dispatch_units, trial_params
+from .worker import failure, receive, run_unit
 
 WAIT_CHECK_S = 5.0  # how often the driver looks at what pending trials wait for (state.json)
 
 
 def ablate_trial(sample: dict[str, Any]) -> None:
-    """The Tune trainable (its name must stay stable): train or resume one trial in its folder,
-    ``sample["trial"]`` being its params (:func:`ablation.store.trial_params`).
+    """The Tune trainable (its name must stay stable): train or resume one pack of trials, each
+    in its folder, ``sample["unit"]`` being the pack (:func:`ablation.store.dispatch_units`).
 
     A failure that a retry cannot fix (RunFailed: a diverged loss, a training step out of GPU
     memory; AblateError: a foreign checkpoint, missing data, a device Ray did not give) is
-    reported to the driver as one line, ``{"failed": ...}``, and the trainable returns: Tune
-    would retry an exception ``--max-failures`` times, failing the same way each time. Any
-    other exception (a lost worker, a bug) is left to Tune's retries."""
+    reported to the driver as one line per trial, ``{"failed": ...}``, and the trainable
+    returns: Tune would retry an exception ``--max-failures`` times, failing the same way each
+    time. Any other exception (a lost worker, a bug) is left to Tune's retries."""
     import ray
     from ray import tune
 
-    params = sample["trial"]
+    unit = sample["unit"]
     try:
-        run_trial(params, tune.report, ray.get_gpu_ids())
+        run_unit(unit, tune.report, ray.get_gpu_ids())
     except (RunFailed, AblateError) as err:
-        tune.report(failure(params["key"], err))
+        for params in unit["trials"]:
+            tune.report(failure(params["key"], err))
 
 
 class SweepProgress:
@@ -72,36 +74,42 @@ class SweepProgress:
 
 
 def _key(trial) -> str:
-    return trial.config["trial"]["key"]
+    """The Tune trial's name: its pack's (the pack's first trial's key)."""
+    return trial.config["unit"]["key"]
+
+
+def _members(trial) -> list[str]:
+    """The ablate trials a Tune trial trains."""
+    return [params["key"] for params in trial.config["unit"]["trials"]]
 
 
 def make_searcher(queue: ForkQueue):
-    """The Tune Searcher that hands out a sweep's trials in ``queue``'s order (see ForkQueue),
+    """The Tune Searcher that hands out a sweep's packs in ``queue``'s order (see ForkQueue),
     telling it the epochs and fork files each trial reports and when each ends."""
     from ray.tune.search import Searcher
 
     class ForkSearcher(Searcher):
         def __init__(self):
             super().__init__()
-            self.keys: dict[str, str] = {}  # Tune's trial id -> ablate key
+            self.members: dict[str, list[str]] = {}  # Tune's trial id -> its ablate trials
 
         def suggest(self, trial_id):
-            params = queue.next()
-            if params is FINISHED:
+            unit = queue.next()
+            if unit is FINISHED:
                 return Searcher.FINISHED
-            if params is None:
+            if unit is None:
                 return None
-            self.keys[trial_id] = params["key"]
-            return {"trial": params}
+            self.members[trial_id] = [params["key"] for params in unit["trials"]]
+            return {"unit": unit}
 
         def on_trial_result(self, trial_id, result):
-            key = self.keys.get(trial_id)  # Tune flattens results: "row/epoch"
-            if key is not None and "row/epoch" in result:
-                queue.reported(key, int(result["row/epoch"]) + 1, result.get("forks") or ())
+            if "row/epoch" in result:  # Tune flattens results: "row/epoch"
+                queue.reported(result["trial"], int(result["row/epoch"]) + 1,
+                               result.get("forks") or ())
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self.keys:
-                queue.ended(self.keys[trial_id])
+            for key in self.members.get(trial_id, ()):
+                queue.ended(key)
 
         def save(self, checkpoint_path):  # nothing to restore: each `ablate run` plans anew
             Path(checkpoint_path).write_text(json.dumps(queue.waiting))
@@ -115,16 +123,19 @@ def make_searcher(queue: ForkQueue):
 def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str, str],
                   progress, watch: WaitWatch):
     """The driver's one writer: each trial's messages to the run folder (see
-    :func:`ablation.worker.receive`), trial states and what pending trials wait for. A trial
-    that reports ``failed`` (see ablate_trial) is marked errored with that line and stays so
-    when its trainable then returns."""
+    :func:`ablation.worker.receive`), trial states and what pending trials wait for. A Tune
+    trial is a pack of ablate trials, each with its own state; a trial that reports ``failed``
+    (see ablate_trial) is marked errored with that line and stays so when its trainable then
+    returns."""
     from ray import tune
 
     failed: set[str] = set()
 
     class StoreCallback(tune.Callback):
         def _state(self, trial, state: str, trials) -> None:
-            states[_key(trial)] = state
+            for key in _members(trial):
+                if key not in failed:
+                    states[key] = state
             watch.update(trials, force=True)
             run.write_states(states, waiting=watch.line)
             progress.update_states(states)
@@ -140,26 +151,31 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
             self._state(trial, "running", trials)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            key = _key(trial)
-            receive(run, configs[key], result)
+            if "trial" not in result:
+                return  # Tune's own results (none is expected)
+            key = result["trial"]
+            receive(run, configs, result)
             if "row" in result:
                 # refreshes the heartbeat that `ablate status` reads
                 run.write_states(states, waiting=watch.line)
                 progress.epoch(key, result["row"])
             if "failed" in result:
                 failed.add(key)
-                self._state(trial, "errored", trials)
+                states[key] = "errored"
+                run.write_states(states, waiting=watch.line)
+                progress.update_states(states)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if _key(trial) in failed:
-                return
-            run.clear_error(_key(trial))
+            for key in _members(trial):
+                if key not in failed:
+                    run.clear_error(key)
             self._state(trial, "done", trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = getattr(trial, "error_file", None)
             text = Path(error).read_text() if error and Path(error).exists() else "unknown error"
-            run.mark_errored(_key(trial), text)
+            for key in _members(trial):
+                run.mark_errored(key, text)
             self._state(trial, "errored", trials)
 
     return StoreCallback()
@@ -185,9 +201,9 @@ class WaitWatch:
         if not force and now - self.checked < WAIT_CHECK_S:
             return False
         self.checked = now
-        pending = [_key(t) for t in trials if t.status == "PENDING"]
+        pending = {_key(t): len(_members(t)) for t in trials if t.status == "PENDING"}
         self.since = {key: self.since.get(key, now) for key in pending}
-        waiting = sum(now - self.since[key] >= WAIT_CHECK_S for key in pending)
+        waiting = sum(n for key, n in pending.items() if now - self.since[key] >= WAIT_CHECK_S)
         running = sum(t.status == "RUNNING" for t in trials)
         if not waiting:
             line = None
@@ -197,9 +213,14 @@ class WaitWatch:
         elif not fits_a_node(self.request):
             line = waits_for_autoscaler(waiting, self.request)
         else:
-            free = ray.available_resources()
-            line = (f"{waiting} trial(s) wait for {fmt_resources(self.request)} (free now: "
-                    f"{fmt_resources({k: free.get(k, 0.0) for k in self.request})})")
+            free = {k: ray.available_resources().get(k, 0.0) for k in self.request}
+            if all(free[k] >= v for k, v in self.request.items()):
+                # what they asked for is there: Ray is starting their worker processes, which
+                # takes a minute or more on a busy node
+                line = f"{waiting} trial(s) starting (Ray starts a worker process for each)"
+            else:
+                line = (f"{waiting} trial(s) wait for {fmt_resources(self.request)} (free now: "
+                        f"{fmt_resources(free)})")
         forks = len(self.queue.waiting) if self.queue else 0
         if forks:
             line = "; ".join(filter(None, [line, f"{forks} trial(s) wait for their baseline's "
@@ -211,7 +232,7 @@ class WaitWatch:
 def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
               cpus_per_trial: float, gpus_per_trial: float | None, max_concurrent: int | None,
               max_failures: int, autoattack: int | None, progress,
-              forks: dict[str, Fork] | None = None,
+              forks: dict[str, Fork] | None = None, packs: list[list[str]] | None = None,
               echo=lambda message: None) -> dict[str, str]:
     """Dispatch the trials through Ray Tune, inside ``ray_cluster`` (which names the ``cluster``
     joined, None for a local Ray); returns the final state of each trial.
@@ -220,7 +241,8 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
     A trial no node can hold is one line (AblateError, see wait_for_capacity). Ctrl-C (and
     SIGTERM, under cli.main) raises KeyboardInterrupt here, with no trial marked. ``forks`` (see
     :mod:`ablation.fork`) start trials from their baseline's checkpoint; None trains every trial
-    from its first epoch.
+    from its first epoch. ``packs`` (:func:`ablation.store.plan_packs`) are trained one Tune
+    trial each, with ``--cpus-per-trial`` and ``--gpus-per-trial``; None: a trial each.
     """
     import ray
     from ray import tune
@@ -238,12 +260,16 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
     threads = max(1, int(cpus_per_trial))
     waits = fork_waits(forks or {}, todo, run.have())
     params = trial_params(run, todo, threads, autoattack, waits)
-    watch.queue = ForkQueue(params, waits.waiting, waits.ready)
+    units, waiting = dispatch_units(params, packs or [[key] for key in todo], waits)
+    run.write_states(states, waiting=watch.line, packs={
+        params["key"]: unit["key"] for unit in units for params in unit["trials"]
+        if len(unit["trials"]) > 1})
+    watch.queue = ForkQueue(units, waiting, waits.ready)
     trainable = tune.with_resources(ablate_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(watch.queue), num_samples=len(params),
+            search_alg=make_searcher(watch.queue), num_samples=len(units),
             max_concurrent_trials=max_concurrent,
             trial_name_creator=_key, trial_dirname_creator=_key),
         run_config=tune.RunConfig(

@@ -95,6 +95,7 @@ TIME_LIMITS_S = {
     "eval-memory": 90,
     "bench": 90,
     "bench-compile": 240,
+    "bench-packs": 150,
     "sigterm": 90,
     "ray-sweep": 300,
     "ray-no-gpu": 150,
@@ -594,6 +595,28 @@ def check_bench_compile(ctx: Context):
     return bench(ctx, "compile", ["--precision", "fp32", "--compile"])
 
 
+def check_bench_packs(ctx: Context):
+    """Packed trials (ablate run --pack): images/s of packs of K against K separate steps."""
+    path = ctx.work / "bench" / "packs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = "1,2,4" if ctx.cpu else "1,2,4,8,16"
+    done = run(ctx, [*ctx.ablate, "bench", *ctx.sizes.bench, "--intervention", "none",
+                     "--intervention", "fix_lr", "--intervention", "awp", "--batches", "5",
+                     "--repeats", "2", "--warmup", "2", "--no-split", "--trials-per-gpu",
+                     "none", "--pack", sizes, "--json", path])
+    succeeded(done, "ablate bench --pack")
+    rows = json.loads(path.read_text())["packs"]
+    failed = [f"K={r['k']}: {r['error']}" for r in rows if "error" in r]
+    numbers = {f"K={r['k']}": f"{r['images_per_s']:,.0f} img/s, {r['ratio_vs_separate']:.2f}x"
+               for r in rows if "error" not in r}
+    best = max((r for r in rows if "error" not in r), key=lambda r: r["images_per_s"])
+    detail = (f"best K = {best['k']} ({best['ratio_vs_separate']:.2f}x separate steps, "
+              f"{best['ratio_vs_reference']:.2f}x the reference loop)")
+    if failed:
+        detail += "; " + ", ".join(failed)
+    return "PASS", numbers, detail
+
+
 def check_sigterm(ctx: Context):
     """SIGTERM after the first epoch: status 143 and one line; the same command resumes."""
     epochs = 10
@@ -773,6 +796,7 @@ CHECKS: list[tuple[str, Callable[[Context], tuple[str, dict[str, str], str]]]] =
     ("bench-tf32", check_bench_tf32),
     ("bench-bf16", check_bench_bf16),
     ("bench-compile", check_bench_compile),
+    ("bench-packs", check_bench_packs),
     ("sigterm", check_sigterm),
     ("ray-sweep", check_ray_sweep),
     ("ray-no-gpu", check_ray_no_gpu),

@@ -1,14 +1,32 @@
-"""Shared test helpers: tiny CIFAR-10/100 and SVHN datasets written in the real on-disk formats."""
+"""Shared test helpers: tiny CIFAR-10/100 and SVHN datasets written in the real on-disk formats,
+tiny trials and sweeps, run folders written in process, and running ``ablate`` as the user does
+and reading back what it wrote (curves, attempts.log)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
+import torch
+import yaml
+
+from ablation import files
+from ablation.trainer import Reporter
+
+# One torch thread in the test process, as in a sweep's workers and `ablate train`: on 2 cores
+# shared with Ray workers and subprocesses, a second intra-op thread waits on a busy core and a
+# 1-second tiny trial takes 10 (measured). Results never depend on it: a test that compares two
+# trainings runs both in this process, or sets one thread where it compares with a worker.
+torch.set_num_threads(1)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -118,6 +136,18 @@ def fake_dataset(tmp_path: Path) -> Callable[..., tuple[Path, Arrays]]:
     return make
 
 
+def cifar_shaped(n: int, seed: int = 0):
+    """Random uint8 images of CIFAR-10's shape in memory (no files): ``n`` training images, the
+    first quarter of them as the test set."""
+    from ablation.data import Data
+    from ablation.datasets import dataset_info
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return Data(dataset_info("cifar10"), x, y, x[: n // 4], y[: n // 4])
+
+
 def tiny_trial(**overrides: object) -> dict:
     """A trial that trains in about a second on the CPU: synthetic data, a 4-wide PreAct ResNet."""
     return {"dataset": "synthetic", "model": "preact_small", "width": 4, "blocks": 1,
@@ -151,10 +181,10 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
     threads = torch.get_num_threads()
     try:
         for i, trial in enumerate(params):  # in the sweep's order
-            config, limit = configs[trial["key"]], stop_after.get(i)
+            limit = stop_after.get(i)
 
             def send(message):
-                receive(run, config, message)
+                receive(run, configs, message)
                 if "row" in message and message["row"]["epoch"] + 1 == limit:
                     raise StopIteration  # out of the trainer, after the epoch's checkpoint
 
@@ -167,9 +197,11 @@ def run_sweep_in_process(sweep: dict, root: Path | str, *,
     return run.root
 
 
-def tiny_study(epochs: int = 3) -> dict:
-    """The paper's design in miniature: fix_param, fix_lr, awp on all 15 subsets, AT, AWP."""
-    base = tiny_trial(epochs=epochs, width=2, train_steps=1, test_steps=2, train_eval_size=32)
+def tiny_study(epochs: int = 2) -> dict:
+    """The paper's design in miniature: fix_param, fix_lr, awp on all 15 subsets, AT, AWP. Two
+    epochs give each curve a Best and a Last; the 256 test images are one evaluation batch."""
+    base = tiny_trial(epochs=epochs, width=2, train_steps=1, test_steps=2, train_eval_size=32,
+                      test_batch_size=256)  # a runtime field: the same numbers, faster
     return {"name": "tiny_study", "base": base,
             "grid": {"intervention": ["fix_param", "fix_lr", "awp"], "layers": "all"},
             "baselines": {"AT": {"intervention": "none"}, "AWP": {"intervention": "awp_full"}}}
@@ -189,3 +221,150 @@ def seeds_run(tmp_path_factory) -> Path:
              "grid": {"intervention": ["fix_lr"], "layers": [[3, 4]], "seed": [0, 1, 2]},
              "baselines": {"AT": {"intervention": "none"}}}
     return run_sweep_in_process(sweep, tmp_path_factory.mktemp("seeds") / "seeds")
+
+
+def write_yaml(path: Path, data: object) -> Path:
+    """``data`` as a YAML file at ``path`` (a trial or sweep file); returns ``path``."""
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def small_sweep(name: str = "small", layers=((3, 4),), **base: object) -> dict:
+    """AT and fix_lr on each of ``layers``: the smallest sweep with a baseline, a table row and a
+    figure panel; 2-wide trials of 2 epochs unless ``base`` overrides tiny_trial's fields."""
+    return {"name": name,
+            "base": tiny_trial(**{"epochs": 2, "width": 2, "train_steps": 1, "test_steps": 2,
+                                  **base}),
+            "grid": {"intervention": ["fix_lr"], "layers": [list(ls) for ls in layers]},
+            "baselines": {"AT": {"intervention": "none"}}}
+
+
+def write_sweep(path: Path, epochs: int = 3, layers=((3, 4),), name: str = "tiny") -> Path:
+    """small_sweep as a sweep file for ``ablate run`` (seed axis 0), with tiny_trial's 4-wide
+    trials of ``epochs`` epochs; returns ``path``."""
+    sweep = small_sweep(name, layers, **tiny_trial(epochs=epochs))
+    sweep["grid"]["seed"] = [0]
+    return write_yaml(path, sweep)
+
+
+# --- running `ablate` as the user does, and reading what it wrote ------------------------------
+
+TIMING = ["train_seconds", "eval_seconds"]  # wall-clock columns: never equal between two runs
+
+
+def ablate(*args: object, timeout: float = 600,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``ablate ARGS`` in a fresh interpreter (``env`` added to this process's environment)."""
+    return subprocess.run([sys.executable, "-m", "ablation", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def timed(*args: object, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """:func:`ablate` and the seconds it took."""
+    start = time.monotonic()
+    done = ablate(*args, **kwargs)
+    return done, time.monotonic() - start
+
+
+def stored_rows(curve: Path) -> int:
+    """The rows of a curve file that a running writer replaces (0 before it exists): read in one
+    go, since pyarrow opens a path more than once and could see parts of two files."""
+    import io
+
+    import pandas as pd
+
+    try:
+        return len(pd.read_parquet(io.BytesIO(Path(curve).read_bytes())))
+    except FileNotFoundError:
+        return 0
+
+
+def one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
+    """The run ended with ``status`` and one error line, last, and no traceback: that line."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status, done.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[-1]
+
+
+def stored(run: Path):
+    """Every curve row a run folder's store holds (``ablate run``'s Parquet files)."""
+    import pandas as pd
+
+    return pd.read_parquet(Path(run) / "curves")
+
+
+def reference_curves(config, tmp_path: Path):
+    """``config`` trained alone in this process, one thread as in a sweep's workers: its curve."""
+    import pandas as pd
+
+    from ablation.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pd.DataFrame(Trainer(config, tmp_path / "ref" / config.key).fit())
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Start(NamedTuple):
+    """One start of a trial, as its attempts.log records it."""
+
+    pid: int
+    node: str  # the host name
+    epoch: int  # the epoch it starts at
+    forked_from: str | None  # the trial whose fork file it starts from
+    device: str
+
+    @property
+    def forked(self) -> bool:
+        return self.forked_from is not None
+
+
+# "<date> <time> pid <pid> on <host> starts at epoch <e>[ from <key>'s checkpoint]..., device <d>"
+_START = re.compile(r" pid (\d+) on (\S+) starts at epoch (\d+)(?: from (\S+)'s checkpoint)?"
+                    r".*, device (\S+)$", re.M)
+
+
+def starts(run: Path, key: str) -> list[Start]:
+    """Each start of trial ``key`` in run folder ``run``, in order (none before its first)."""
+    path = Path(run) / files.trial_file(key, files.ATTEMPTS)
+    text = path.read_text() if path.exists() else ""
+    return [Start(int(pid), node, int(epoch), parent or None, device)
+            for pid, node, epoch, parent, device in _START.findall(text)]
+
+
+class StopAfter(Reporter):
+    """Stops a trainer as a kill right after an epoch's checkpoint reached the disk would: raises
+    KeyboardInterrupt once ``epochs`` epochs are done."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def epoch(self, row, checkpoint):
+        assert checkpoint.exists()
+        if row["epoch"] + 1 == self.epochs:
+            raise KeyboardInterrupt
+
+
+def check_latex(text: str) -> None:
+    """A written .tex table: every \\begin{X} closed by \\end{X} in nesting order; booktabs
+    rules; labels pdflatex can write; _ and % escaped."""
+    stack: list[str] = []
+    for kind, env in re.findall(r"\\(begin|end)\{([^}]*)\}", text):
+        if kind == "begin":
+            stack.append(env)
+        else:
+            assert stack and stack.pop() == env, f"\\end{{{env}}} out of order"
+    assert not stack, f"unclosed: {stack}"
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{"):
+        assert rule in text
+    for label in re.findall(r"\\label\{([^}]*)\}", text):  # a name pdflatex can write to .aux
+        assert re.fullmatch(r"tab:[a-z0-9:-]+", label), label
+    body = re.sub(r"\\(begin|end)\{[^}]*\}", "", text)
+    body = re.sub(r"(?<!\\)\$[^$]*\$", "", body)  # math ($_\infty$) may subscript
+    assert not re.search(r"(?<!\\)_", body), "unescaped underscore"
+    assert not re.search(r"(?<!\\)%", body), "unescaped percent"

@@ -1,11 +1,13 @@
-"""Attacks against hand computations on a linear model, where every gradient is closed-form."""
+"""Attacks against hand computations on a linear model, where every gradient is closed-form;
+AutoAttack on models whose robust accuracy is known without running it."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ablation.attacks import ThreatModel, input_gradient, pgd, project, random_start, trades_attack
+from ablation.attacks import (ThreatModel, autoattack_accuracy, input_gradient, pgd, project,
+                              random_start, trades_attack)
 
 EPS, STEP = 8 / 255, 2 / 255
 
@@ -196,3 +198,34 @@ def test_the_trades_start_does_not_depend_on_the_memory_layout():
         torch.manual_seed(5)
         out.append(trades_attack(model, x.contiguous(memory_format=layout), threat, 0))
     assert torch.equal(out[0], out[1])
+
+
+# --- AutoAttack (standard), on models whose robust accuracy is known without running it ------
+
+
+class Constant(nn.Module):
+    """Ignores its input: no attack can change its prediction (always class 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.eye(10)[3])
+
+    def forward(self, x):  # the 0 * x term keeps a (zero) input gradient for the attacks
+        return self.logits.expand(len(x), 10) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.slow
+def test_an_input_independent_model_keeps_its_clean_accuracy():
+    y = torch.tensor([3, 3, 1, 3, 0, 3, 2, 3])
+    x = torch.rand(8, 1, 4, 4)
+    acc = autoattack_accuracy(Constant(), x, y, ThreatModel("linf", 8 / 255, 2 / 255))
+    assert acc == 5 / 8
+
+
+def test_a_linear_model_falls_to_a_large_eps_and_the_cap_is_honoured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    x = torch.rand(12, 1, 4, 4)
+    y = model(x).argmax(1)  # clean accuracy 1 by construction
+    assert autoattack_accuracy(model, x, y, ThreatModel("l2", 4.0, 0.1), n_examples=6) == 0.0
+    assert model.training  # mode restored after the eval-mode attack

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from ablation.bench import (BenchOptions, RiceStep, compare, peak_flops, project_step,
                             random_data, reference_for, timing_stats, trial_config)
 from ablation.cli import cli, main
+from ablation.errors import ConfigError
 from ablation.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -165,3 +166,37 @@ def test_compile_is_a_variant_of_the_project_step_only(tmp_path):
     trainer = Trainer(config, tmp_path, data=random_data(8, 8, seed=0, device=CPU))
     assert trainer.model._compiled_call_impl is not None, "the project's model is compiled"
     assert reference_for(config, CPU).model._compiled_call_impl is None, "the reference is not"
+
+
+def test_bench_packs_times_packs_of_k_against_k_separate_steps_and_prices_the_sweep(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "preact_small", "--width", "2", "--batch-size", "8",
+            "--batches", "2", "--repeats", "2", "--warmup", "1", "--train-steps", "1",
+            "--intervention", "none", "--intervention", "fix_lr", "--device", "cpu",
+            "--split-batches", "1", "--pack", "1,2,3", "--json", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = report["packs"]
+    assert [r["k"] for r in rows] == [1, 2, 3]
+    assert rows[2]["interventions"] == ["none", "fix_lr", "fix_lr"]  # distinct trials
+    lone = {r["intervention"]: r["project"]["median_s"] for r in report["interventions"]}
+    for row in rows:
+        assert row["images_per_s"] == pytest.approx(row["k"] * 8 / row["median_s"])
+        assert row["ratio_vs_separate"] == pytest.approx(
+            sum(lone[i] for i in row["interventions"]) / row["median_s"])
+    assert [s["k"] for s in report["pack_splits"]] == [2, 3]
+    assert "per-epoch split of packs" in result.output
+    # --dry-run prices packs at the measured speed of K over K separate steps
+    from ablation.cost import pack_speedups
+
+    speedups = pack_speedups(out)
+    assert speedups[1] == 1.0 and speedups[2] == pytest.approx(
+        rows[1]["images_per_s"] / rows[0]["images_per_s"])
+
+
+def test_bench_packs_it_cannot_fill_are_one_line_before_anything_runs():
+    result = CliRunner().invoke(cli, ["bench", "--device", "cpu", "--intervention", "none",
+                                      "--pack", "1,2"], standalone_mode=False)
+    assert isinstance(result.exception, ConfigError)
+    assert "--pack 2: the chosen interventions make 1 distinct trials" in str(result.exception)

@@ -1,120 +1,20 @@
-"""``ablate train`` through a real subprocess: outputs, resume after SIGKILL, one-line errors."""
+"""The ``ablate`` command line (ablation/cli.py) through a real subprocess, as the user meets it:
+bad trials, sweeps, options and malformed input are one error line with status 2, changing
+nothing, before torch and Ray load; --help and --version; ``status`` and ``report`` never load
+torch. What ``ablate train`` writes: tests/test_local.py; ``ablate run``: tests/test_tune.py."""
 
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_trial
-from test_sweep import TIMING, reference_curves
-
-from ablation.config import load_trial
-
-CURVE_COLUMNS = {"key", "dataset", "model", "method", "threat", "intervention", "layers", "seed",
-                 "epoch", "lr", "train_loss", "train_acc", "train_robust_loss", "train_robust_acc",
-                 "train_eval_acc", "train_eval_robust_acc", "test_loss", "test_acc",
-                 "test_robust_loss", "test_robust_acc", "train_seconds", "eval_seconds"}
-
-
-def ablate(*args, check=None):
-    return subprocess.run([sys.executable, "-m", "ablation", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
-def write(path, trial):
-    path.write_text(yaml.safe_dump(trial))
-    return path
-
-
-def test_train_writes_curves_summary_and_checkpoint_then_resumes(tmp_path):
-    trial = write(tmp_path / "t.yaml", tiny_trial(epochs=3, intervention="awp", layers=[3, 4]))
-    out = tmp_path / "out"
-    done = ablate("train", trial, "--out", out, "--quiet")  # 1 thread, as a sweep's trial
-    assert done.returncode == 0, done.stderr
-    curves = pd.read_parquet(out / "curves.parquet")
-    assert CURVE_COLUMNS <= set(curves.columns)
-    ref = reference_curves(load_trial(trial), tmp_path)  # what `ablate run` stores for it
-    pd.testing.assert_frame_equal(curves[ref.columns].drop(columns=TIMING),
-                                  ref.drop(columns=TIMING), check_exact=True)
-    assert list(curves.epoch) == [0, 1, 2] and curves.key.nunique() == 1
-    assert (curves.layers == "3,4").all() and (curves.intervention == "awp").all()
-    summary = json.loads((out / "summary.json").read_text())
-    best = curves.test_robust_acc.idxmax()
-    assert summary["best_epoch"] == best and summary["key"] == curves.key[0]
-    assert summary["diff_test_robust_acc"] == pytest.approx(
-        curves.test_robust_acc.max() - curves.test_robust_acc.iloc[-1])
-    assert (out / "checkpoint.pt").exists() and (out / "config.yaml").exists()
-    again = ablate("train", trial, "--out", out, "--quiet")
-    assert again.returncode == 0 and "already done" in again.stderr
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "curves.parquet"), curves)
-
-
-def test_sigkill_mid_run_then_the_same_command_gives_the_uninterrupted_curve(tmp_path):
-    trial = write(tmp_path / "t.yaml", tiny_trial(epochs=6, intervention="fix_lr", layers=[3]))
-    ref = ablate("train", trial, "--out", tmp_path / "ref", "--quiet", "--threads", "1")
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ablation", "train", str(trial), "--out", str(out), "--quiet",
-           "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once two epochs are on disk, mid-way through the third
-        curves = out / "curves.parquet"
-        if curves.exists() and len(pd.read_parquet(curves)) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(pd.read_parquet(out / "curves.parquet")) < 6, "killed too late to test anything"
-    resumed = ablate("train", trial, "--out", out, "--quiet", "--threads", "1")
-    assert resumed.returncode == 0, resumed.stderr
-    drop = ["train_seconds", "eval_seconds"]
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "curves.parquet").drop(columns=drop),
-                                  pd.read_parquet(tmp_path / "ref/curves.parquet").drop(columns=drop),
-                                  check_exact=True)
-    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
-
-
-def test_sigterm_mid_run_is_one_line_and_status_143_and_the_same_command_resumes(tmp_path):
-    trial = write(tmp_path / "t.yaml", tiny_trial(epochs=20))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ablation", "train", str(trial), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    curves = out / "curves.parquet"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not curves.exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert (proc.returncode, err) == (143, "stopped by SIGTERM; run the same command again to "
-                                           "resume\n"), err[-3000:]
-    before = pd.read_parquet(curves)
-    assert 1 <= len(before) < 20, "stopped too late to test anything"
-    again = ablate("train", trial, "--out", out, "--quiet")
-    assert again.returncode == 0, again.stderr
-    after = pd.read_parquet(curves)
-    assert list(after.epoch) == list(range(20))
-    pd.testing.assert_frame_equal(after.iloc[:len(before)], before)  # resumed, not redone
-
-
-def test_autoattack_numbers_land_in_the_summary(tmp_path):
-    trial = write(tmp_path / "t.yaml", tiny_trial(epochs=1))
-    out = tmp_path / "out"
-    done = ablate("train", trial, "--out", out, "--quiet", "--autoattack", "16")
-    assert done.returncode == 0, done.stderr
-    s = json.loads((out / "summary.json").read_text())
-    assert s["autoattack_n"] == 16
-    assert 0 <= s["best_autoattack_acc"] <= 1 and 0 <= s["last_autoattack_acc"] <= 1
-    # AutoAttack is at least as strong as PGD-3, measured here on the first 16 test images only.
-    assert s["last_autoattack_acc"] <= s["last_test_robust_acc"] + 0.3
-    assert "AutoAttack" in done.stdout
-
+from conftest import ablate, tiny_trial, write_fake_dataset, write_sweep, write_yaml
 
 @pytest.mark.parametrize("trial,needle", [
     ({"dataset": "synthetic", "colour": 1}, "unknown key 'colour'"),
@@ -126,7 +26,7 @@ def test_autoattack_numbers_land_in_the_summary(tmp_path):
     ({"dataset": "cifar10", "data_root": "/nonexistent/data"}, "/nonexistent/data"),
 ])
 def test_bad_trials_fail_with_one_line_and_status_2(tmp_path, trial, needle):
-    path = write(tmp_path / "bad.yaml", trial)
+    path = write_yaml(tmp_path / "bad.yaml", trial)
     done = ablate("train", path, "--out", tmp_path / "out")
     assert done.returncode == 2
     assert needle in done.stderr
@@ -142,11 +42,31 @@ def test_bad_trials_fail_with_one_line_and_status_2(tmp_path, trial, needle):
     (["train", "{trial}", "--bogus"], "--bogus"),
 ])
 def test_bad_command_lines_fail_with_one_line_and_status_2(tmp_path, args, needle):
-    trial = write(tmp_path / "t.yaml", tiny_trial())
+    trial = write_yaml(tmp_path / "t.yaml", tiny_trial())
     done = ablate(*[a.format(trial=trial) for a in args])
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"name": "x", "base": {}, "grid": {"seed": [0]}, "extra": 1}, "extra"),
+    ({"name": "x", "grid": {"seed": []}}, "seed"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[5]]}}, "5"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[]]}}, "layers"),
+    ({"name": "x", "grid": {"intervention": ["awp"], "layers": [[3, 4], [4, 3]]}}, "same key"),
+])
+def test_bad_sweep_files_fail_with_one_line_and_status_2(tmp_path, raw, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = ablate("run", path, "--dry-run")
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    done = ablate("status", tmp_path)
+    assert done.returncode == 2 and "not an ablate run folder" in done.stderr
 
 
 def test_help_explains_every_option():
@@ -194,8 +114,6 @@ class _Call:
 
 def _crafted_cifar(tmp):
     """A CIFAR-10 folder whose first batch runs ``touch <tmp>/ran`` when unpickled."""
-    from conftest import write_fake_dataset
-
     write_fake_dataset("cifar10", tmp / "data", 10, 4)
     crafted = {"data": _Call(os.system, f"touch {tmp / 'ran'}"), "labels": []}
     _file(tmp, "data/cifar-10-batches-py/data_batch_1", pickle.dumps(crafted, protocol=2))
@@ -215,6 +133,39 @@ def _train(tmp, trial, *args, out=None):
         for name, data in {"config.yaml": yaml.safe_dump(tiny_trial()), **out}.items():
             _file(tmp / "out", name, data)
     return ["train", trial, "--out", tmp / "out", *args]
+
+
+_FINISHED: list[Path] = []  # one finished run per test session, copied for each case
+
+
+def _finished_run(tmp, swap: str | None = None, damage=None):
+    """A copy of a finished two-trial run folder (``small_sweep``); with ``swap`` (a file name,
+    or "best"), the first trial's copy of that file replaced by the second trial's (a foreign
+    file); ``damage(root)`` damages it further."""
+    import shutil
+    import tempfile
+
+    from conftest import run_sweep_in_process, small_sweep
+
+    if not _FINISHED:
+        _FINISHED.append(run_sweep_in_process(small_sweep(), Path(tempfile.mkdtemp()) / "run"))
+    root = Path(shutil.copytree(_FINISHED[0], tmp / "run"))
+    first, second = sorted((root / "trials").iterdir())
+    if swap:
+        name = swap if swap != "best" else next(first.glob("best-*.pt")).name
+        source = next(second.glob("best-*.pt")) if swap == "best" else second / swap
+        (first / name).write_bytes(source.read_bytes())
+    if damage:
+        damage(root)
+    return root
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _first(root: Path, pattern: str) -> Path:
+    return sorted(root.glob(pattern))[0]
 
 
 MALFORMED = {  # case -> (the arguments, given tmp_path; what the error line must hold)
@@ -248,6 +199,49 @@ MALFORMED = {  # case -> (the arguments, given tmp_path; what the error line mus
     "crafted cifar pickle": (
         lambda t: _train(t, _trial(t, dataset="cifar10", data_root=str(_crafted_cifar(t)))),
         "data_batch_1: it calls 'posix.system'"),
+    "evaluate: another trial's checkpoint": (
+        lambda t: ["evaluate", _finished_run(t, "checkpoint.pt"), "--n-examples", "4"],
+        "checkpoint.pt: holds trial 'synthetic-linf-preact_small-at-none"),
+    "evaluate: another trial's best weights": (
+        lambda t: ["evaluate", _finished_run(t, "best"), "--n-examples", "4"],
+        ".pt: holds trial 'synthetic-linf-preact_small-at-none"),
+    "status: corrupt sweep.json": (
+        lambda t: ["status", _finished_run(t, damage=lambda r: _file(r, "sweep.json", "{"))],
+        "run/sweep.json: not valid JSON (JSONDecodeError); move it away and run `ablate run`"),
+    "status: a list for sweep.json": (
+        lambda t: ["status", _finished_run(t, damage=lambda r: _file(r, "sweep.json", "[1]"))],
+        "run/sweep.json: not the object of trials ablate writes"),
+    "status: truncated curve": (
+        lambda t: ["status", _finished_run(
+            t, damage=lambda r: _truncate(_first(r, "curves/*.parquet")))],
+        ".parquet: not a readable curve (ArrowInvalid); move it out"),
+    "report: truncated curve": (
+        lambda t: ["report", _finished_run(
+            t, damage=lambda r: _truncate(_first(r, "curves/*.parquet"))), "--out", t / "rep"],
+        ".parquet: not a readable curve"),
+    "report --out under a file": (
+        lambda t: ["report", _finished_run(t), "--out", _file(t, "f", "") / "rep"],
+        "--out " + "{t}/f/rep: {t}/f is a file; pass another --out"),
+    "report --ylim beyond any axis": (
+        lambda t: ["report", _finished_run(t), "--out", t / "rep", "--ylim=-1e308,1e308"],
+        "--ylim '-1e308,1e308': expected LOW,HIGH with LOW < HIGH, both within +-1e6"),
+    "run --storage under a file": (
+        lambda t: ["run", write_sweep(t / "s.yaml"), "--storage", _file(t, "f", "") / "run"],
+        "--storage " + "{t}/f/run: {t}/f is a file; pass another --storage"),
+    "evaluate: corrupt summary.json": (
+        lambda t: ["evaluate", _finished_run(
+            t, damage=lambda r: _file(_first(r, "trials/*none*"), "summary.json", "[")),
+            "--n-examples", "4"], "summary.json: not a summary ablate wrote; delete it"),
+    "evaluate: truncated best weights": (
+        lambda t: ["evaluate", _finished_run(
+            t, damage=lambda r: _truncate(_first(r, "trials/*none*/best-*.pt"))),
+            "--n-examples", "4"], ".pt: not a readable ablate checkpoint"),
+    "dry-run with a NaN time in --bench": (
+        lambda t: ["run", write_sweep(t / "s.yaml"), "--dry-run", "--bench", _file(
+            t, "b.json", '{"environment": {"device_name": "x"}, "options": {"precision": '
+            '"fp32"}, "interventions": [{"intervention": "none", "flops_per_step": 1e12, '
+            '"project": {"median_s": NaN}}]}')],
+        "b.json: the 'none' entry's median seconds per step is nan"),
     "sweep alias bomb": (lambda t: ["run", _file(t, "s.yaml", f"name: s\nbase: {BOMB}\n")],
                          "s.yaml: its aliases"),
     "sweep without its data": (lambda t: ["run", _sweep(t, dataset="svhn", data_root=str(t)),
@@ -255,10 +249,22 @@ MALFORMED = {  # case -> (the arguments, given tmp_path; what the error line mus
 }
 
 
-@pytest.mark.parametrize("case", MALFORMED)
+# These load torch before they fail (3-4 s each): "corrupt checkpoint" (the same check of the
+# output folder), "crafted cifar pickle", "evaluate: another trial's checkpoint" (the checks of
+# a run folder's files) and "report --out under a file" stand for them in the default run.
+SLOW_CASES = {"--out under a file", "corrupt summary.json", "corrupt config.yaml",
+              "another trial's config.yaml", "another trial's checkpoint",
+              "evaluate: another trial's best weights", "evaluate: truncated best weights",
+              "status: a list for sweep.json", "report: truncated curve",
+              "evaluate: corrupt summary.json", "run --storage under a file"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow)
+                                  if case in SLOW_CASES else case for case in MALFORMED])
 def test_malformed_input_is_one_error_line_and_changes_nothing(tmp_path, case):
     make_args, needle = MALFORMED[case]
     args = make_args(tmp_path)
+    needle = needle.replace("{t}", str(tmp_path))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     start = time.perf_counter()
     done = ablate(*args)
@@ -299,3 +305,43 @@ def test_status_and_report_never_load_torch_or_ray(study_run, tmp_path, command)
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("[]"), done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_report_single_figure_and_table_and_bad_input(study_run, tmp_path):
+    out = tmp_path / "one"
+    done = ablate("report", study_run, "--figure", "fix_lr", "--figure", "gap", "--table",
+                  "best-last", "--out", out, "--metric", "train_robust_acc",
+                  "--setting", "AT_awp_[4]", "--setting", "RAT_LR")  # a table's name
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = [Path(p).name for p in done.stdout.split()]
+    assert any(n.startswith("fix_lr") and n.endswith(".png") for n in written)
+    assert [n for n in written if n.startswith("gap")] == [  # the chosen setting only
+        "gap-synthetic-linf-preact_small-at.png", "gap-synthetic-linf-preact_small-at.pdf"]
+    assert any(n.startswith("best-last") and n.endswith(".md") for n in written)
+    assert not (out / "index.html").exists()
+    methods = pd.read_csv(out / "best-last.csv").name.tolist()
+    assert methods == ["AT", "RAT_LR", "RAT_WP", "AT_awp_[4]"]
+    for args, needle in [((tmp_path,), "not an ablate run folder"),
+                         ((study_run, "--figure", "bogus"), "bogus"),
+                         ((study_run, "--metric", "colour"), "colour"),
+                         ((study_run, "--metric", "dataset"), "dataset"),
+                         ((study_run, "--setting", "AT_awp_[5]"), "AT_awp_[5]"),
+                         ((study_run, "--setting", "RAT_XX"), "RAT_XX")]:
+        bad = ablate("report", *args, "--out", tmp_path / "x")
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_huge_description_is_shown_as_one_short_line(tmp_path):
+    def describe(root):
+        manifest = json.loads((root / "sweep.json").read_text())
+        manifest["description"] = "robust overfitting\n" * 2_600_000  # ~50 MB
+        (root / "sweep.json").write_text(json.dumps(manifest))
+
+    done = ablate("report", _finished_run(tmp_path, damage=describe), "--out", tmp_path / "rep",
+                  "--table", "best-last")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = done.stderr.splitlines()[0]
+    assert first.startswith("robust overfitting robust") and len(first) <= 504

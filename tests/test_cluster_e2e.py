@@ -13,7 +13,6 @@ Needs root (network namespaces), Linux, ``ip``, ``unshare`` and ``nsenter``; slo
 minutes on 2 busy cores, half of it Ray noticing the lost node)."""
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_trial, write_fake_dataset
-from test_sweep import TIMING, ablate, reference_curves, stored
+from conftest import (TIMING, ablate, reference_curves, starts, stored, stored_rows,
+                      tiny_trial, write_fake_dataset)
 
 from ablation import files
 from ablation.grid import load_sweep
@@ -36,7 +35,6 @@ SBATCH = REPO / "docker" / "ablate.sbatch"
 EPOCHS = 8  # about 2 s each on a loaded CPU: time to see a few epochs on the worker, then kill it
 KILL_AFTER = 2  # epochs of the worker's trial stored before its node is killed
 JOB_TIMEOUT_S = 400
-ATTEMPT = re.compile(r" pid \d+ on (\S+) starts at epoch (\d+)")  # attempts.log
 
 pytestmark = [
     pytest.mark.slow,
@@ -240,16 +238,11 @@ def write_sweep(tmp_path: Path) -> Path:
 
 def attempts(run: Path, key: str) -> list[tuple[str, int]]:
     """(node, epoch) of each start of the trial, from its attempts.log."""
-    path = run / files.trial_file(key, files.ATTEMPTS)
-    text = path.read_text() if path.exists() else ""
-    return [(node, int(epoch)) for node, epoch in ATTEMPT.findall(text)]
+    return [(s.node, s.epoch) for s in starts(run, key)]
 
 
 def epochs_stored(run: Path, key: str) -> int:
-    try:
-        return len(pd.read_parquet(run / files.curves_file(key)))
-    except (OSError, ValueError):  # not written yet
-        return 0
+    return stored_rows(run / files.curves_file(key))
 
 
 def test_sbatch_job_loses_a_worker_node_mid_trial_and_the_trial_resumes_on_the_head(tmp_path,

@@ -85,6 +85,11 @@ def test_the_gpu_eval_batch_fills_half_the_free_memory(monkeypatch):
                        (2**40, dev.MAX_EVAL_BATCH), (2**20, 32)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 2 * f))
         assert dev.eval_batch_size(net, image, torch.device("cuda", 0)) == want
+    # a pack of 4 shares the memory; on the CPU a pack evaluates at a lone trial's batch
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 2**35))
+    assert dev.eval_batch_size(net, image, torch.device("cuda", 0), copies=4) == \
+        int(0.5 * 10 * 2**30 // per_image) // 4
+    assert dev.eval_batch_size(net, image, torch.device("cpu"), copies=4) == dev.CPU_EVAL_BATCH
 
 
 def test_the_out_of_memory_line_keeps_what_was_asked_and_what_was_free():

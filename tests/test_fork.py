@@ -8,11 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_trial
+from conftest import TIMING, ablate, tiny_trial
 
 from ablation import files
 from ablation.config import from_dict
-from ablation.errors import ConfigError
 from ablation.fork import (FINISHED, Fork, ForkQueue, ForkWaits, epochs_to_train, fork_waits,
                            plan_forks, shared_epochs)
 from ablation.grid import load_sweep
@@ -20,7 +19,6 @@ from ablation.schedule import epoch_lrs
 from ablation.trainer import Reporter, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ["train_seconds", "eval_seconds"]
 
 
 def cfg(**fields):
@@ -125,47 +123,11 @@ def test_a_forked_trial_is_bit_identical_to_the_same_trial_from_scratch(tmp_path
     assert saved["history"][0]["forked_from"] == parent.key
 
 
-def test_a_fork_file_of_another_trial_or_point_is_refused_in_one_line(tmp_path):
-    base = tiny_trial(epochs=4, train_eval_size=32)
-    parent = from_dict(base)
-    config = from_dict({**base, "intervention": "fix_lr", "layers": [4]})
-    run = tmp_path / "trials"
-    train(parent, run / parent.key, fork_points=[2])  # the fix_lr trial shares only 1 epoch
-    (run / parent.key / files.fork_checkpoint(2)).rename(
-        run / parent.key / files.fork_checkpoint(1))
-    with pytest.raises(ConfigError, match="not trial .* state after 1 epochs shared with"):
-        Trainer(config, run / config.key, fork=Fork(parent.key, 1))
-
-
 def test_without_its_parents_file_a_fork_trains_from_scratch(tmp_path):
     config = from_dict(tiny_trial(epochs=2, intervention="fix_lr", layers=[4]))
     trainer = Trainer(config, tmp_path / "trials" / config.key, fork=Fork("nobody", 1))
     assert trainer.epochs_done == 0 and trainer.forked_from is None
     assert "forked_from" not in trainer.fit()[0]
-
-
-def test_gpu_hours_count_forward_passes_and_skip_forked_epochs(tmp_path):
-    import json
-
-    from ablation.config import TrialConfig
-    from ablation.cost import default_rate, gpu_hours, passes_per_epoch, rate_from_bench
-
-    reference = TrialConfig()  # PreAct-18, CIFAR-10, PGD-10 AT, train-mode attack, 10k+10k eval
-    # by hand: 50,000 x (10 steps x 2F + restart forward 1F + step 3F + logging 1F)
-    #          + 10,000 x (10 x 2F + 2F) + 10,000 x (20 x 2F + 2F)
-    assert passes_per_epoch(reference) == 50_000 * 25 + 10_000 * 22 + 10_000 * 42
-    rate = default_rate()
-    assert gpu_hours([reference], {}, rate) == pytest.approx(200 * 36 / 3600)  # the measurement
-    fix_lr = reference.replace(intervention="fix_lr", layers=[3, 4])
-    both = gpu_hours([reference, fix_lr], {fix_lr.key: Fork(reference.key, 99)}, rate)
-    assert both == pytest.approx((200 + 101) * 36 / 3600)
-    bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({
-        "environment": {"device_name": "NVIDIA H100"}, "options": {"precision": "bf16"},
-        "interventions": [{"intervention": "none", "flops_per_step": 4e12,
-                           "project": {"median_s": 0.1}}]}))
-    measured = rate_from_bench(bench)
-    assert measured.flops_per_s == pytest.approx(4e13) and "NVIDIA H100 bf16" in measured.source
 
 
 # --- a run's fork life cycle, without Ray ------------------------------------------------------
@@ -244,8 +206,6 @@ def test_a_fork_whose_file_exists_already_is_handed_out_with_it():
 def test_the_demo_sweep_forked_and_not_gives_the_same_curves(tmp_path):
     """sweeps/demo_digits.yaml through Ray twice: with forking (its fix_lr and AWP trials start
     from AT's checkpoint) and with --no-fork; every stored number is the same."""
-    from test_sweep import ablate
-
     curves = {}
     for name, extra in (("forked", ()), ("plain", ("--no-fork",))):
         done = ablate("run", ROOT / "sweeps" / "demo_digits.yaml", "--storage", tmp_path / name,

@@ -8,34 +8,17 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_trial
+from conftest import StopAfter, cifar_shaped, tiny_trial
 
 from ablation.config import from_dict
-from ablation.data import Data
 from ablation.datasets import dataset_info
 from ablation.device import eval_bytes_per_image, eval_batch_size, resolve_device
 from ablation.errors import ConfigError
 from ablation.models import build_trial_model
-from ablation.trainer import Reporter, Trainer
+from ablation.trainer import Trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-class StopAfter(Reporter):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def epoch(self, row, checkpoint):
-        if row["epoch"] + 1 == self.epochs:
-            raise KeyboardInterrupt
-
-
-def cifar_shaped(n: int, seed: int = 0) -> Data:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
-    y = torch.randint(0, 10, (n,), generator=gen)
-    return Data(dataset_info("cifar10"), x, y, x[: n // 4], y[: n // 4])
 
 
 @pytest.mark.parametrize("first,then", [(False, True), (True, False)])
@@ -143,3 +126,25 @@ def test_autoattack_after_training_runs_with_the_trainer_released(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["autoattack_n"] == 32 and 0 <= summary["best_autoattack_acc"] <= 1
     assert torch.backends.cudnn.benchmark is False  # AutoAttack's batches shrink
+
+
+def test_a_pack_on_the_gpu_equals_each_trial_alone_in_float64(tmp_path):
+    from ablation.packed import PackTrainer
+
+    base = tiny_trial(epochs=2, device="cuda", precision="fp64", milestones=[0.25, 0.75],
+                      awp_warmup=1)
+    ivs = [{}, {"intervention": "fix_lr", "layers": [3, 4]},
+           {"intervention": "fix_param", "layers": [1, 2]},
+           {"intervention": "awp", "layers": [2, 3]}]
+    configs = [from_dict({**base, **iv}) for iv in ivs]
+    pack = PackTrainer(configs, [tmp_path / f"p{i}" for i in range(len(configs))])
+    histories, failed = pack.fit()
+    assert not failed
+    for k, config in enumerate(configs):
+        lone = Trainer(config, tmp_path / f"a{k}")
+        history = lone.fit()
+        for name, w in lone.model.state_dict().items():
+            # cuDNN's kernels sum in their own orders (atomics too): rounding, not bits
+            torch.testing.assert_close(pack.model.state_dict(k)[name], w, rtol=1e-8, atol=1e-10)
+        assert histories[config.key][-1]["test_robust_acc"] == pytest.approx(
+            history[-1]["test_robust_acc"], abs=1e-6)

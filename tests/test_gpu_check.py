@@ -50,6 +50,7 @@ def test_an_unknown_check_name_is_one_line(tmp_path):
     assert "unknown check 'nonsense'" in done.stderr
 
 
+@pytest.mark.slow  # a training run in a subprocess; the script's entry: the two tests above
 def test_one_check_leaves_the_whole_table_with_the_others_not_selected(tmp_path):
     out = tmp_path / "gc.md"
     done = gpu_check("--cpu", "--only", "train-fp32", "--out", out, timeout=300)

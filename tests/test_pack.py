@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ablation.attacks import mean_ce
 from ablation.models import MODELS, build_model
 from ablation.pack import PackedNet
 
@@ -24,7 +25,7 @@ def check_pack(models, x, y, train: bool):
     xs = [x[i].clone().requires_grad_(True) for i in range(k)]
     packed_x = torch.cat(xs).detach().requires_grad_(True)
     logits = pack(packed_x)
-    loss = F.cross_entropy(logits, y.repeat(k))  # a mean over the whole pack, as the methods'
+    loss = mean_ce(logits, y.repeat(k), pack)  # per network, as the attacks and methods take it
     grads = torch.autograd.grad(loss, [*pack.params.values(), packed_x])
     worst = 0.0
     for i, m in enumerate(alone):

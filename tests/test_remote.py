@@ -1,8 +1,9 @@
-"""Run folders at a URI, against a real S3 protocol server (moto) through pyarrow's S3 client."""
+"""Run folders at a URI (ablation/remote.py), against a real S3 protocol server (moto) through
+pyarrow's S3 client; a URI that pyarrow cannot open is one line."""
 
 import pandas as pd
 import pytest
-from conftest import run_sweep_in_process, tiny_trial
+from conftest import ablate, run_sweep_in_process, small_sweep, write_sweep
 
 from ablation.errors import AblateError
 from ablation.evaluate import evaluate_run
@@ -56,14 +57,16 @@ def test_files_round_trip_and_are_replaced_whole(bucket, tmp_path):
     assert remote.files() == []
 
 
-def test_a_run_written_to_s3_is_read_resumed_and_evaluated_from_other_machines(
-        bucket, monkeypatch, tmp_path):
-    uri = bucket("runs/small")
-    sweep = {"name": "small", "base": tiny_trial(epochs=2, width=2, train_steps=1, test_steps=2),
-             "grid": {"intervention": ["fix_lr"], "layers": [[3, 4]]},
-             "baselines": {"AT": {"intervention": "none"}}}
+def partial_run_at(uri, monkeypatch, tmp_path):
+    """small_sweep written to ``uri`` from one machine, its trial 0 stopped after 1 epoch: the
+    local mirror it was written through."""
     use_cache(monkeypatch, tmp_path / "writer")
-    mirror = run_sweep_in_process(sweep, uri, stop_after={0: 1})  # trial 0 stops after 1 epoch
+    return run_sweep_in_process(small_sweep(), uri, stop_after={0: 1})
+
+
+def test_a_run_written_to_s3_is_read_from_another_machine(bucket, monkeypatch, tmp_path):
+    uri = bucket("runs/small")
+    mirror = partial_run_at(uri, monkeypatch, tmp_path)
     written = pd.read_parquet(mirror / "curves")
 
     use_cache(monkeypatch, tmp_path / "reader")  # a machine that has never seen the run
@@ -75,6 +78,16 @@ def test_a_run_written_to_s3_is_read_resumed_and_evaluated_from_other_machines(
     states = dict(status_table(RunDir.open(uri))[0][["key", "state"]].values)
     assert sorted(states.values()) == ["done", "pending"]
 
+
+@pytest.mark.slow
+def test_a_run_at_s3_is_evaluated_from_other_machines(bucket, monkeypatch, tmp_path):
+    """AutoAttack on the run of the test above, from a machine that pulls the finished trial's
+    checkpoint; another machine then reads the numbers from the bucket."""
+    uri = bucket("runs/small")
+    partial_run_at(uri, monkeypatch, tmp_path)
+    use_cache(monkeypatch, tmp_path / "reader")
+    states = dict(status_table(RunDir.open(uri))[0][["key", "state"]].values)
+
     use_cache(monkeypatch, tmp_path / "evaluator")  # pulls the finished trial's checkpoint
     (key,) = evaluate_run(uri, 8, echo=lambda message: None)
     assert states[key] == "done"
@@ -83,6 +96,12 @@ def test_a_run_written_to_s3_is_read_resumed_and_evaluated_from_other_machines(
     summary = RunDir.open(uri).summaries().set_index("key")
     assert summary.loc[key, "autoattack_n"] == 8  # the numbers reached the bucket
     assert 0 <= summary.loc[key, "best_autoattack_acc"] <= 1
+
+
+def test_a_storage_uri_pyarrow_cannot_open_is_refused_in_one_line(tmp_path):
+    done = ablate("run", write_sweep(tmp_path / "s.yaml"), "--storage", "nosuch://bucket/runs")
+    assert done.returncode == 2 and "nosuch://bucket/runs" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_a_bucket_that_does_not_exist_gives_one_line_errors(bucket):
@@ -128,3 +147,46 @@ def test_background_uploads_send_what_was_handed_over_in_order_and_raise_a_failu
         uploads.flush()
     with pytest.raises(AblateError):  # and every later call, until the trial is retried
         uploads.submit([checkpoint])
+
+
+class _FullDisk:
+    """A pyarrow file system whose output streams take 10 bytes, then fail as a full disk does
+    (pyarrow keeps the errno only in its message)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def open_output_stream(self, path):
+        stream = self.real.open_output_stream(path)
+
+        class Failing:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+            def write(self, block):
+                stream.write(block[:10])
+                raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No "
+                              "space left on device")
+        return Failing()
+
+
+def test_a_full_file_target_is_named_and_leaves_no_temporary_file(tmp_path):
+    from ablation.errors import RunFailed
+
+    target = tmp_path / "target"
+    remote = Remote(f"file://{target}")
+    remote.fs = _FullDisk(remote.fs)
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"x" * 1000)
+    with pytest.raises(RunFailed) as err:
+        remote.upload(local, "trials/t/checkpoint.pt")
+    assert str(err.value) == (f"file://{target}: no space left on the device (writing "
+                              "trials/t/checkpoint.pt); free some space there, then run the same "
+                              "command again to resume")
+    assert [p.name for p in (target / "trials" / "t").iterdir()] == []

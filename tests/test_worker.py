@@ -5,7 +5,7 @@ driver stores of them, and the device a trial is given."""
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_trial
+from conftest import TIMING, starts, tiny_trial
 
 from ablation import files
 from ablation.errors import ConfigError
@@ -14,8 +14,6 @@ from ablation.grid import sweep_from_dict
 from ablation.store import RunDir, trial_params
 from ablation.trainer import Trainer
 from ablation.worker import failure, receive, run_trial, trial_device
-
-TIMING = ["train_seconds", "eval_seconds"]
 
 
 class Stop(Exception):
@@ -34,19 +32,20 @@ def test_a_trial_sends_its_rows_and_fork_files_resumes_with_a_replay_and_ends_st
 
     def send(message, stop_at=None):
         sent.append(message)
-        receive(run, config, message)
+        receive(run, sweep.by_key, message)
         if "row" in message and message["row"]["epoch"] == stop_at:
             raise Stop
 
     with pytest.raises(Stop):
         run_trial(params, lambda m: send(m, stop_at=1))
-    assert [(m["row"]["epoch"], m["forks"]) for m in sent] == [(0, [1]), (1, [1])]
+    assert [(m["row"]["epoch"], m["forks"], m["trial"]) for m in sent] == [
+        (0, [1], config.key), (1, [1], config.key)]
     first, sent[:] = list(sent), []
     summary = run_trial(params, send)
     pd.testing.assert_frame_equal(pd.DataFrame([m["row"] for m in sent[:2]]),  # replayed from
                                   pd.DataFrame([m["row"] for m in first]))  # the checkpoint
     assert [(m["row"]["epoch"], m["forks"]) for m in sent[:3]] == [(0, [1]), (1, [1]), (2, [1])]
-    assert sent[3:] == [{"summary": summary}]
+    assert sent[3:] == [{"summary": summary, "trial": config.key}]
 
     threads = torch.get_num_threads()
     try:
@@ -57,20 +56,19 @@ def test_a_trial_sends_its_rows_and_fork_files_resumes_with_a_replay_and_ends_st
     pd.testing.assert_frame_equal(stored[reference.columns], reference, check_exact=True)
     assert run.summaries().set_index("key").loc[config.key, "best_test_robust_acc"] == \
         summary["best_test_robust_acc"]
-    starts = (run.trial_dir(config.key) / files.ATTEMPTS).read_text().splitlines()
-    assert [line.split(" starts at ")[1].split(",")[0] for line in starts] == ["epoch 0",
-                                                                                "epoch 2"]
+    assert [s.epoch for s in starts(run.root, config.key)] == [0, 2]
 
 
 def test_a_failure_is_one_line_naming_the_trial_and_the_driver_marks_it_errored(tmp_path):
-    assert failure("k1", ConfigError("key 'x':\n  bad")) == {"failed": "trial k1: key 'x': bad"}
-    assert failure("k1", ConfigError("trial k1 diverged")) == {"failed": "trial k1 diverged"}
+    assert failure("k1", ConfigError("key 'x':\n  bad")) == {"failed": "trial k1: key 'x': bad",
+                                                              "trial": "k1"}
+    assert failure("k1", ConfigError("trial k1 diverged"))["failed"] == "trial k1 diverged"
     sweep = sweep_from_dict({"name": "f", "base": tiny_trial(epochs=1), "grid": {"seed": [0]}},
                             source="f")
     (config,) = sweep.trials
     run = RunDir(tmp_path / "run")
     run.write_manifest(sweep)
-    receive(run, config, failure(config.key, ConfigError("no")))
+    receive(run, sweep.by_key, failure(config.key, ConfigError("no")))
     assert (run.trial_dir(config.key) / files.ERROR).read_text() == f"trial {config.key}: no\n"
 
 

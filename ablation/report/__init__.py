@@ -75,10 +75,12 @@ def load_run(location: str | Path) -> RunData:
     root = folder.root
     if not folder.exists():
         raise AblateError(f"{location}: not an ablate run folder (no {files.SWEEP})")
-    if not any((root / files.CURVES_DIR).glob("*.parquet")):
-        raise AblateError(f"{location}: no epoch has finished yet ({files.CURVES_DIR}/ is empty)")
     stored = folder.manifest()
-    curves = pd.read_parquet(root / files.CURVES_DIR).sort_values(["key", "epoch"])
+    frames = [folder.curves(key) for key in stored["trials"]]  # the run's own files only
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise AblateError(f"{location}: no epoch has finished yet ({files.CURVES_DIR}/ is empty)")
+    curves = pd.concat(frames, ignore_index=True).sort_values(["key", "epoch"])
     curves = curves.reset_index(drop=True)
     done = curves.groupby("key").epoch.transform("count") >= curves.epochs
     curves["complete"] = done

@@ -1,5 +1,7 @@
-"""Every generated LaTeX table compiles in a two-column paper without overfull boxes (pdflatex,
-where installed) and is well formed (always): balanced, labels valid and unique across runs."""
+"""The table writers (ablation/report/writers.py): specials escaped; every generated LaTeX table
+compiles in a two-column paper without overfull boxes (pdflatex, where installed) and is well
+formed (always): balanced, labels valid and unique across runs; constant columns folded into a
+note."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import check_latex
 
 from ablation.report import load_run
 from ablation.report.numbers import AA_NOT_RUN, RUNNING_NOTE, Table
@@ -149,3 +152,11 @@ def test_compact_keeps_single_rows_and_varying_columns() -> None:
 def test_latex_label_is_a_name() -> None:
     assert latex_label("My Run_2:ablation-fix_lr") == "tab:my-run-2:ablation-fix-lr"
     assert COLUMN_PT < 240
+
+
+def test_write_table_escapes_specials(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"Method": ["a_b & c # 5%"], "PGD-20 Best": ["1.00 ± 0.10"]})
+    _, _, tex = write_table(Table(frame, frame), tmp_path, "x", "50% of a_b")
+    text = tex.read_text()
+    check_latex(text)
+    assert r"a\_b \& c \# 5\%" in text and r"$\pm$" in text
