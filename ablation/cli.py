@@ -13,7 +13,10 @@ from typing import Any
 import click
 
 from . import layers as layer_groups
-from .config import INTERVENTIONS, MODELS, TrialConfig, from_dict, load_trial, parse_yaml
+from . import plugins
+from .config import (INTERVENTIONS, MODELS, RUNTIME_FIELDS, TrialConfig, from_dict, load_trial,
+                     parse_yaml)
+from .cost import GPUS  # torch-free names; torch loads when a cost is computed
 from .datafiles import LAYOUTS, check_data
 from .errors import AblateError, ConfigError, RunFailed, quote
 
@@ -33,13 +36,19 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig:
+def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as trial fields (each value read as YAML)."""
     changes: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {quote(pair)}: expected KEY=VALUE")
         changes[key.strip()] = parse_yaml(value, f"--set {quote(pair)}")
+    return changes
+
+
+def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig:
+    changes = _overrides(pairs)
     return from_dict({**config.to_dict(), **changes}, source="--set") if changes else config
 
 
@@ -74,15 +83,21 @@ def cli() -> None:
                    "--cpus-per-trial), so a trial trained here and in a sweep gives the same "
                    "curve; more threads speed up a lone trial on the CPU but change the float "
                    "rounding. A GPU trial needs no more than 1.")
+@click.option("--plugin", "plugin_files", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A Python file that registers your own intervention or model, loaded before "
+                   "the trial is read (docs/extending.md). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batch: int | None,
-          overrides: tuple[str, ...], threads: int, quiet: bool) -> None:
+          overrides: tuple[str, ...], threads: int, plugin_files: tuple[Path, ...],
+          quiet: bool) -> None:
     """Train one trial from a TRIAL.yaml config and write curves.parquet, summary.json and
     checkpoint.pt to the output folder.
 
     TRIAL.yaml holds trial fields (dataset, model, method, threat, intervention, layers, epochs,
     ...); fields left out take the paper's defaults for the chosen dataset and method.
     """
+    plugins.load(plugins.read(path, str(path), "--plugin") for path in plugin_files)
     config = _apply_overrides(load_trial(trial), overrides)
     check_data(config.dataset, config.data_root, config.download)
     from .local import train_trial  # torch loads here, so --help, config and data errors are fast
@@ -113,6 +128,12 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
                    "CPU. Default: 1 if the Ray cluster has GPUs, else 0.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="At most this many trials at once (default: as resources allow).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Set a trial field in every trial, over the sweep file, e.g. --set "
+                   "data_root=/nfs/data. Repeatable. Where and on what trials run "
+                   f"({', '.join(RUNTIME_FIELDS)}) is not part of their keys: a started sweep "
+                   "resumes with such a --set. Any other field "
+                   "changes the keys, and a folder holding the old trials refuses it.")
 @click.option("--max-failures", type=click.IntRange(min=0), default=2, show_default=True,
               help="Times Ray retries a failed trial (from its last checkpoint) in one run; "
                    "a failure a retry cannot fix (a diverged loss, a training step out of GPU "
@@ -131,16 +152,32 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
                    "baseline (by default those are trained once and the trial starts from the "
                    "baseline's checkpoint).")
 @click.option("--dry-run", is_flag=True,
-              help="List the trials, their keys, the epochs to train and an estimate of the "
-                   "GPU-hours; start nothing.")
+              help="List the trials, their keys and the epochs to train; estimate the "
+                   "GPU-hours (training, and the AutoAttack the tables need), the wall-clock on "
+                   "--gpus N and the disk space; say whether each dataset is there. Start "
+                   "nothing.")
 @click.option("--bench", "bench_json", type=click.Path(dir_okay=False, path_type=Path),
               default=None, metavar="FILE",
               help="With --dry-run: estimate GPU-hours at the speed measured by `ablate bench "
                    "--json FILE` on your GPU (default: the H200 measurement in BENCHMARKS.md).")
+@click.option("--gpu", "gpu_name", default=None, metavar="NAME",
+              help=f"With --dry-run: price the sweep on another card ({', '.join(GPUS)}): the "
+                   "H200 measurement scaled by the cards' peak TF32 throughput from their "
+                   "datasheets; a scaled estimate, not a measurement (--bench measures).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="With --dry-run: the wall-clock hours on N GPUs (forked trials after their "
+                   "baselines).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Also log each trial's curve live to tensorboard or wandb, one run per trial "
+                   "named by its key (its config as hyperparameters, each epoch a step), in the "
+                   "run folder (tensorboard/, wandb/); needs pip install 'ablation[NAME]'. "
+                   "Repeatable. W&B reads its own settings (WANDB_MODE=offline, WANDB_PROJECT, "
+                   "WANDB_ENTITY).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_trial: float,
         gpus_per_trial: float | None, max_concurrent: int | None, max_failures: int,
         restart_errored: bool, pack: int, no_fork: bool, dry_run: bool, bench_json: Path | None,
+        gpu_name: str | None, gpus: int, overrides: tuple[str, ...], log: tuple[str, ...],
         quiet: bool) -> None:
     """Run every trial of a SWEEP.yaml through Ray Tune; resume it if its folder exists.
 
@@ -151,10 +188,11 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
     from .grid import load_sweep
     from .store import plan_packs
 
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file, _overrides(overrides))
     forks = {} if no_fork else plan_forks(sweep.trials)
-    if bench_json and not dry_run:
-        raise ConfigError("--bench estimates the cost of a sweep; use it with --dry-run")
+    for option, given in (("--bench", bench_json), ("--gpu", gpu_name), ("--gpus", gpus != 1)):
+        if given and not dry_run:
+            raise ConfigError(f"{option} estimates the cost of a sweep; use it with --dry-run")
     if pack > 1 and any(t.compile for t in sweep.trials):
         raise ConfigError(f"--pack {pack} with compile: true: a compiled trial trains alone for "
                           "now; use --pack 1 or compile: false")
@@ -162,7 +200,7 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
     if dry_run:
         from .cost import dry_run_lines  # torch loads there, after a bad --bench is said
 
-        for line in dry_run_lines(sweep, forks, bench_json, packs):
+        for line in dry_run_lines(sweep, forks, bench_json, packs, gpu_name, gpus):
             click.echo(line)
         return
     for place in dict.fromkeys((t.dataset, t.data_root, t.download) for t in sweep.trials):
@@ -170,6 +208,7 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
     from . import files
     from .cluster import parse_address, ray_cluster
     from .io import check_folder
+    from .loggers import Loggers
     from .store import DriverLock, RunDir, plan
     from .tune import SweepProgress, run_sweep  # torch loads here
 
@@ -185,10 +224,13 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
     folder = RunDir.attach(storage or Path("runs") / sweep.name)
     if not folder.remote:
         check_folder(folder.root, "--storage")
+    # an unknown --log name or a missing package is one line, before the folder is touched
+    loggers = Loggers(folder, sweep, log, warn=lambda m: click.echo(f"warning: {m}", err=True))
     try:
-        with DriverLock(folder):  # refuses a second driver before it changes anything
+        with DriverLock(folder), loggers:  # refuses a second driver before it changes anything
             folder.pull()
             todo = plan(folder, sweep, restart_errored)
+            loggers.catch_up()  # what an earlier driver stored but did not log
             plan_line = (f"{sweep.name}: {len(sweep.trials)} trials, "
                          f"{len(sweep.trials) - len(todo)} done, {len(todo)} to run; folder "
                          f"{folder.location}")
@@ -201,14 +243,15 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
                 click.echo(plan_line, err=True)
                 stored = {(k, int(e)) for k in sweep.by_key
                           for e in folder.curves(k).get("epoch", [])}
-                progress = SweepProgress(sweep.total_epochs, stored, quiet)
+                progress = SweepProgress(sweep.total_epochs, stored, quiet,
+                                           done=len(sweep.trials) - len(todo))
                 try:
                     states = run_sweep(folder, todo, cluster=cluster,
                                        cpus_per_trial=cpus_per_trial,
                                        gpus_per_trial=gpus_per_trial,
                                        max_concurrent=max_concurrent, max_failures=max_failures,
                                        autoattack=sweep.autoattack, progress=progress,
-                                       forks=forks, packs=packs,
+                                       forks=forks, packs=packs, loggers=loggers,
                                        echo=lambda m: click.echo(m, err=True))
                 finally:
                     progress.close()
@@ -245,35 +288,61 @@ def _folder_failure(folder: Any, err: OSError) -> RunFailed:
 
 @cli.command()
 @click.argument("run_dir")
-def status(run_dir: str) -> None:
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=10.0,
+              default=None, metavar="[SECONDS]",
+              help="Redraw the table every SECONDS (10 when left out) until every trial is done; "
+                   "Ctrl-C stops watching (the sweep is not touched).")
+def status(run_dir: str, watch: float | None) -> None:
     """Per trial of a run folder: state, epochs done, best and current test robust accuracy,
     and an estimate of the time left."""
-    from .store import RunDir, status_table, waiting_line
+    from .store import RunDir
 
-    folder = RunDir.open(run_dir)
+    if watch is None:
+        click.echo("\n".join(_status_lines(RunDir.open(run_dir))[0]))
+        return
+    try:
+        while True:
+            lines, done = _status_lines(RunDir.open(run_dir))  # reopened: the files as they are
+            click.clear()  # only on a terminal
+            click.echo(f"{time.strftime('%H:%M:%S')}, every {watch:g} s; Ctrl-C to stop")
+            click.echo("\n".join(lines))
+            if done:
+                return
+            time.sleep(watch)
+    except KeyboardInterrupt:  # only the watching stops: exit 0, nothing to resume
+        return
+
+
+def _status_lines(folder: Any) -> tuple[list[str], bool]:
+    """``ablate status``'s table and lines for a RunDir, and whether every trial is done."""
+    from .store import status_table, stopped_line, waiting_line
+
     table, eta = status_table(folder)
     width = max(len(k) for k in table.key)
     packed = bool(table.pack.any())  # a column only when some trials train in packs
-    click.echo(f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}"
-               + ("  pack" if packed else ""))
+    lines = [f"{'trial':<{width}}  {'state':<11} {'epochs':>9}  {'best':>6}  {'current':>7}"
+             + ("  pack" if packed else "")]
     for row in table.itertuples():
         best = "-" if row.best_robust != row.best_robust else f"{row.best_robust:.1%}"
         current = "-" if row.current_robust != row.current_robust else f"{row.current_robust:.1%}"
         pack = f"  {row.pack or '-':>4}" if packed else ""
-        click.echo(f"{row.key:<{width}}  {row.state:<11} {row.epochs:>9}  {best:>6}  "
-                   f"{current:>7}{pack}")
+        lines.append(f"{row.key:<{width}}  {row.state:<11} {row.epochs:>9}  {best:>6}  "
+                     f"{current:>7}{pack}")
     counts = table.state.value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in
                         ("done", "running", "interrupted", "errored", "pending") if s in counts)
     if (table.state == "done").all():
-        click.echo(f"{len(table)} trials: all done")
-        return
+        return lines + [f"{len(table)} trials: all done"], True
+    stopped = stopped_line(folder)
+    if stopped:  # no time left to show: nothing runs
+        return lines + [f"{len(table)} trials: {summary}", stopped], False
     left = "unknown" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) \
         if eta < 86400 else f"{eta / 86400:.1f} days"
-    click.echo(f"{len(table)} trials: {summary}; time left about {left}")
+    lines.append(f"{len(table)} trials: {summary}; time left about {left}")
     waiting = waiting_line(folder)
     if waiting:
-        click.echo(f"pending: {waiting}")
+        lines.append(f"pending: {waiting}")
+    return lines, False
 
 
 @cli.command()
@@ -283,13 +352,17 @@ def status(run_dir: str) -> None:
                    "Repeatable.")
 @click.option("--table", "tables", multiple=True, metavar="NAME",
               help="best-last, awp-compare, ablation, effects, or all. Repeatable.")
+@click.option("--compare", default=None, metavar="paper",
+              help="Put the paper's published numbers (its Tables 1-5) and the difference "
+                   "under each table row the paper has, marking those outside its spread.")
 @click.option("--setting", "settings", multiple=True, metavar="LABEL",
               help="A setting, named as in the figures' legends (e.g. 'AT_awp_[4]', AWP) or "
                    "the tables (RAT_LR, RAT_WP): "
                    "the gap figure draws these instead of the paper's sets, and the "
                    "best-last table adds them as rows. Repeatable.")
 @click.option("--metric", default="test_robust_acc", show_default=True,
-              help="Curve column for the figure grids, e.g. train_robust_acc (Figure 2(b)), "
+              help="Curve column for the figure grids, e.g. train_eval_robust_acc (Figure 2(b): "
+                   "eval-mode PGD on the fixed train subset), "
                    "test_acc, test_robust_loss.")
 @click.option("--size", default="full", show_default=True, metavar="column|full",
               help="Figure width: column (3.5 in) or full (7.2 in, the text width of a "
@@ -300,8 +373,8 @@ def status(run_dir: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: reports/<sweep name>).")
 def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
-           settings: tuple[str, ...], metric: str, size: str, ylim: str | None,
-           out: Path | None) -> None:
+           compare: str | None, settings: tuple[str, ...], metric: str, size: str,
+           ylim: str | None, out: Path | None) -> None:
     """Figures (PNG, PDF) and tables (Markdown, CSV, LaTeX) from a run folder's Parquet store.
 
     With neither --figure nor --table: everything, plus index.html showing it all on one page.
@@ -310,7 +383,8 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
     from .report import load_run
     from .report.figures import FIGURES, WIDTHS, metric_columns, write_figures
     from .report.index import write_index
-    from .report.tables import TABLES, setting_names, write_tables
+    from .report.paper import COMPARE, unpublished
+    from .report.tables import TABLES, resolve_settings, write_tables
 
     for option, given, known in (("--figure", figures, FIGURES), ("--table", tables, TABLES)):
         for name in given:  # the registries are the lists of names
@@ -319,6 +393,9 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
                                   f"{', '.join(known)} or all")
     if size not in WIDTHS:
         raise ConfigError(f"--size {quote(size)} is unknown; choose from {', '.join(WIDTHS)}")
+    if compare is not None and compare not in COMPARE:
+        raise ConfigError(f"--compare {quote(compare)} is unknown; choose from "
+                          f"{', '.join(COMPARE)}")
     limits = None
     if ylim is not None:
         try:
@@ -334,12 +411,7 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
     if metric not in metric_columns(run.curves):
         raise ConfigError(f"--metric {metric!r} is not a curve column; choose from "
                           f"{', '.join(metric_columns(run.curves))}")
-    names = setting_names(run)  # legend labels and the tables' names (RAT_LR) -> labels
-    for given in settings:
-        if given not in names:
-            raise ConfigError(f"--setting {given!r} is not in this run; choose from "
-                              f"{', '.join(names)}")
-    settings = tuple(names[given] for given in settings)
+    settings = resolve_settings(run, settings)  # RAT_LR -> AT_fix_lr_[3, 4]
     from .io import check_folder
 
     out = (out or Path("reports") / run.name).resolve()
@@ -351,8 +423,11 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
     table_names = TABLES if everything or "all" in tables else tables
     written_figures = (write_figures(run, fig_names, out, metric, settings, size, limits)
                        if everything or figures else [])
+    if compare and (everything or tables) and (line := unpublished(run)):
+        click.echo(line, err=True)
     written_tables = (write_tables(run, table_names, out, settings,
-                                   warn=lambda message: click.echo(message, err=True))
+                                   warn=lambda message: click.echo(message, err=True),
+                                   compare=compare)
                       if everything or tables else [])
     table_files = [path for table in written_tables for path in table.paths]
     if everything:
@@ -375,10 +450,15 @@ def report(run_dir: str, figures: tuple[str, ...], tables: tuple[str, ...],
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="AutoAttack's batch (default: on a GPU as many images as fit in half its "
                    "free memory, on the CPU 250).")
+@click.option("--plugin", "plugin_files", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A plugin file the run's trials use (their own model or intervention; "
+                   "docs/extending.md): the run folder's copy is never run. Repeatable.")
 def evaluate(run_dir: str, n_examples: int | None, device: str | None,
-             batch_size: int | None) -> None:
+             batch_size: int | None, plugin_files: tuple[Path, ...]) -> None:
     """AutoAttack (standard) the best and last weights of every finished trial that lacks it,
     and add the numbers to the run's summary table. Resumable: run it again after a stop."""
+    plugins.load(plugins.read(path, str(path), "--plugin") for path in plugin_files)
     from .evaluate import evaluate_run
 
     done = evaluate_run(run_dir, n_examples or None, device,

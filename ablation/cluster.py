@@ -10,6 +10,7 @@ Ray is imported inside the functions, as in :mod:`ablation.tune`: ``parse_addres
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -175,14 +176,28 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
     """
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; ours shows
+    # Tune's automatic JSON, CSV and TensorBoard loggers would write each trial's results under
+    # ray/, split per pack and per resume: the store holds them, and --log logs them per trial.
+    # Without their files, Tune's result grid warns per trial that it found none; ablate reads
+    # the store, never the grid.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Tune's own Ctrl-C handling stops the trials, marks them and advises Tuner.restore, which
     # ablate does not use (rerunning the command resumes): let KeyboardInterrupt through instead.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune warns "... may be a performance bottleneck" when one of its driver steps takes over
+    # 0.5 s; ours include writing an epoch to the Parquet store (fsync'd, and pushed for a URI),
+    # so on a busy machine ~30 such lines crossed the demo's progress bar, advising to report
+    # less often, which does not apply. Read when ray.tune is first imported (in run_sweep).
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     source = "--address"
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # see _start_local
+        # Ray 2.60 turns token authentication on for a new local Ray when RAY_AUTH_MODE is unset,
+        # and warns so on every start; set explicitly it does the same without the warning.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     handler = signal.getsignal(signal.SIGTERM)

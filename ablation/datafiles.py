@@ -10,8 +10,10 @@ Downloads and checksums come from torchvision (its URLs and md5 tables), importe
 from __future__ import annotations
 
 import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .config import DATASETS
 from .errors import ConfigError, DataError, one_line
@@ -114,37 +116,62 @@ def fetch_data(name: str, root: str | Path) -> list[Path]:
     """Download dataset ``name`` into ``root`` unless it is there, then verify every file.
 
     Held under a lock file in ``root``, so the nodes of a cluster that share the folder, or each
-    node downloading to its own disk, never write one file twice at once."""
+    node downloading to its own disk, never write one file twice at once; the lock file goes
+    when the holder is done, whatever the outcome."""
     root = Path(root).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".ablate-download.lock", "w")
+        lock = _lock(root / ".ablate-download.lock")
     except OSError as err:
         raise DataError(f"{name}: cannot write in {root} ({err.strerror}); choose another "
                         "--root") from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if missing_path(name, root) is not None:
-            download_files(name, root)
-        return verify_data(name, root)
+        try:
+            if missing_path(name, root) is not None:
+                download_files(name, root)
+            return verify_data(name, root)
+        finally:
+            # Removed while still held: a process waiting on it sees the name gone and retries.
+            Path(lock.name).unlink(missing_ok=True)
+
+
+def _lock(path: Path) -> IO[str]:
+    """``path`` opened and exclusively locked, once it is the file at that name (the last
+    holder removes the file, so the one a waiter locked may be gone by then)."""
+    while True:
+        f = open(path, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
 
 
 def download_files(name: str, root: Path) -> None:
     """Download the files of dataset ``name`` that ``root`` lacks (torchvision checks each
-    download's md5); DataError in one line, naming where to put the files by hand."""
+    download's md5, and takes a file already there whose md5 is right: an archive copied into
+    ``root`` is extracted, a .mat file kept); DataError in one line naming the URL and the file
+    to copy by hand."""
     from torchvision import datasets as tvd
 
-    try:
-        if name == "svhn":
-            for split in ("train", "test"):
-                url, filename, md5 = tvd.SVHN.split_list[split]
-                if not (root / filename).is_file():
-                    tvd.utils.download_url(url, str(root), filename, md5)
-        else:
-            source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            tvd.utils.download_and_extract_archive(source.url, str(root),
-                                                   filename=source.filename, md5=source.tgz_md5)
-    except Exception as err:  # network, disk and archive errors alike: one line
-        raise DataError(f"{name}: download into {root} failed ({one_line(err)}); put "
-                        f"{'the .mat files' if name == 'svhn' else 'the extracted dataset'} at "
-                        f"{missing_path(name, root)} instead") from err
+    if name == "svhn":
+        downloads = [tvd.SVHN.split_list[split] for split in ("train", "test")]
+    else:
+        source = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        downloads = [(source.url, source.filename, source.tgz_md5)]
+    for url, filename, md5 in downloads:
+        try:
+            if name == "svhn":
+                tvd.utils.download_url(url, str(root), filename, md5)
+            else:
+                tvd.utils.download_and_extract_archive(url, str(root), filename=filename,
+                                                       md5=md5)
+        except Exception as err:  # network, disk and archive errors alike: one line
+            there = root / filename
+            fix = (f"{there} is not the official file (md5 {md5}): replace it with the one "
+                   f"from {url}" if there.is_file() and not tvd.utils.check_md5(str(there), md5)
+                   else f"copy {filename} (from {url}) into {root}")
+            raise DataError(f"{name}: cannot download {url} ({one_line(err)}); {fix} and run "
+                            "the same command again") from err

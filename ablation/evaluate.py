@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from . import files
+from . import files, plugins
 from .attacks import autoattack_accuracy
 from .config import TrialConfig
+from .errors import AblateError
 from .curves import best_last
 from .data import Data, load_data
 from .checkpoint import load_best, read
@@ -108,6 +109,10 @@ def evaluate_run(location, n_examples: int | None, device: str | None = None,
         summary = run.trial_summary(key)
         if summary is None:
             continue  # not finished: nothing final to attack yet
+        unknown = plugins.missing(config)
+        if unknown:
+            raise AblateError(f"trial {key}: its {unknown} comes from a plugin file; pass that "
+                              "file with --plugin FILE")
         source = (config.dataset, config.data_root, config.download)
         if source not in loaded:
             loaded[source] = load_data(*source)

@@ -10,7 +10,11 @@ Run folder ``runs/<sweep>/``::
     .driver.lock            held by the one running driver; names it (pid, host, start)
     .summary.lock           held while summary.parquet is rebuilt (a driver and ``ablate
                             evaluate`` may race)
-    ray/                    Ray Tune's own records of each ``ablate run`` (not read back)
+    ray/                    Ray Tune's experiment state of each ``ablate run`` (not read back;
+                            no curves: ablate turns Tune's loggers off)
+    tensorboard/<key>/      ``--log tensorboard``: each trial's event files, one folder per trial
+    wandb/                  ``--log wandb``: W&B's local files (offline runs, its logs)
+    <backend>/logged.json   the epochs of each trial that backend has logged (``--log``)
     trials/<key>/           the trial folder of each trial
 
 Trial folder::
@@ -35,6 +39,9 @@ TRIALS_DIR = "trials"
 DRIVER_LOCK = ".driver.lock"  # held by the running driver (store.DriverLock); never pushed
 SUMMARY_LOCK = ".summary.lock"  # held while summary.parquet is rebuilt; never pushed
 RAY_DIR = "ray"  # Tune's storage_path: its experiment records, which ablate never reads
+TENSORBOARD_DIR = "tensorboard"  # --log tensorboard (ablation/loggers.py)
+WANDB_DIR = "wandb"  # --log wandb
+LOGGED = "logged.json"  # in each --log folder: its ledger; never pushed
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"

@@ -3,7 +3,10 @@
 A sweep has a ``base`` (fields every trial shares), a ``grid`` of axes whose Cartesian product gives
 the trials, optional named ``baselines`` (extra trials crossed with every grid axis except
 ``intervention`` and ``layers``) and optional per-dataset ``overrides``. Precedence, lowest first:
-base < grid cell < baseline fields < dataset override. See ``sweeps/cifar10_linf.yaml``.
+base < grid cell < baseline fields < dataset override < ``ablate run --set``. See
+``sweeps/cifar10_linf.yaml``. An optional list of ``plugins`` (Python files, paths relative to
+the sweep file) is loaded before the trials are built, so that their interventions and models
+can be named (docs/extending.md).
 
 Trial order is stable: first the grid cells in the product of the axes as written (first axis
 slowest), then, for each combination of the axes other than ``intervention`` and ``layers`` (same
@@ -18,12 +21,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from . import layers
+from . import layers, plugins
 from .config import TrialConfig, from_dict, read_yaml
 from .errors import ConfigError, quote
 from .strategies import layer_wise
 
-TOP_LEVEL = ("name", "description", "autoattack", "base", "grid", "baselines", "overrides")
+TOP_LEVEL = ("name", "description", "autoattack", "plugins", "base", "grid", "baselines",
+             "overrides")
 TRIAL_FIELDS = tuple(f.name for f in fields(TrialConfig))
 # Axes a baseline does not cross: it sets its own intervention, and layers belong to that.
 INTERVENTION_AXES = ("intervention", "layers")
@@ -39,6 +43,7 @@ class Sweep:
     autoattack: int | None  # AutoAttack on this many test images after each trial (0 = all)
     trials: tuple[TrialConfig, ...]
     path: Path
+    plugins: tuple[plugins.Plugin, ...] = ()  # loaded in this process; the run folder keeps them
 
     @property
     def total_epochs(self) -> int:
@@ -51,13 +56,16 @@ class Sweep:
         return {t.key: t for t in self.trials}
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read a sweep YAML file (safe loader) and expand it into validated trials."""
-    return sweep_from_dict(read_yaml(path), source=str(path))
+def load_sweep(path: str | Path, sets: dict[str, Any] | None = None) -> Sweep:
+    """Read a sweep YAML file (safe loader) and expand it into validated trials; ``sets``
+    (``ablate run --set``) are fields given to every trial, over everything in the file."""
+    return sweep_from_dict(read_yaml(path), source=str(path), sets=sets)
 
 
-def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
-    """Expand a parsed sweep mapping; ``source`` prefixes every error and becomes ``Sweep.path``."""
+def sweep_from_dict(raw: Any, source: str = "sweep", sets: dict[str, Any] | None = None) -> Sweep:
+    """Expand a parsed sweep mapping; ``source`` prefixes every error and becomes ``Sweep.path``.
+    ``sets`` take precedence over every section of the file; a runtime field among them
+    (``config.RUNTIME_FIELDS``: data_root, device, ...) leaves the keys as they are."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with name, base, grid, ..., "
                           f"got {type(raw).__name__}")
@@ -79,10 +87,16 @@ def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
                                    or autoattack < 0):
         raise ConfigError(f"{source}: key 'autoattack': {quote(autoattack)} must be an integer "
                           ">= 0 (0 = all test images) or null")
+    loaded = _plugins(raw.get("plugins"), source)
+    plugins.load(loaded)  # before the trials are built: they may name what a plugin registers
     base = _fields(raw.get("base"), f"{source}: base")
     axes = _axes(raw.get("grid"), source)
     baselines = _baselines(raw.get("baselines"), source)
     overrides = _overrides(raw.get("overrides"), source)
+    sets = _fields(sets, "--set")
+    if "dataset" in sets:  # the file's per-dataset overrides are chosen by it
+        raise ConfigError("--set dataset: a sweep's datasets come from its file; edit the file "
+                          "(or train one trial with `ablate train --set dataset=...`)")
 
     merged = _expand(base, axes, baselines, source)
     if not merged:
@@ -94,11 +108,23 @@ def sweep_from_dict(raw: Any, source: str = "sweep") -> Sweep:
         if dataset not in used:
             raise ConfigError(f"{source}: overrides: key {quote(dataset)} is not the dataset of "
                               f"any trial (datasets used: {', '.join(sorted(used))})")
-    trials = tuple(from_dict({**m, **(overrides.get(d, {}) if isinstance(d, str) else {})},
-                             source=source) for m, d in zip(merged, datasets))
-    _check_unique(trials, source)
+    where = f"{source} with --set {', '.join(sets)}" if sets else source
+    trials = tuple(from_dict({**m, **(overrides.get(d, {}) if isinstance(d, str) else {}),
+                              **sets}, source=where) for m, d in zip(merged, datasets))
+    _check_unique(trials, where)
     return Sweep(name=name, description=description.strip(), autoattack=autoattack,
-                 trials=trials, path=Path(source))
+                 trials=trials, path=Path(source), plugins=tuple(loaded))
+
+
+def _plugins(value: Any, source: str) -> list[plugins.Plugin]:
+    """The plugin files a sweep names, read relative to the sweep file's folder."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{source}: key 'plugins' must be a list of Python files such as "
+                          f"[my_intervention.py], got {quote(value)}")
+    folder = Path(source).parent
+    return [plugins.read(folder / Path(name).expanduser(), name, source) for name in value]
 
 
 def _mapping(value: Any, where: str) -> dict:

@@ -5,7 +5,7 @@ here carry the descriptions out: the chosen groups keep lr_max (``FixLR``), get 
 (``FixParam``) or are perturbed (``AWP``). Each one sees the model's declared layer groups
 (``ablation.models.group_names``); parameters outside groups 1-4 (stem, final BN, classifier) are
 never touched by a layer-wise intervention. An intervention whose behaviour none of these has
-registers its class with :func:`register`.
+registers its class with :func:`register` (a plugin's, docs/extending.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
-from . import strategies
+from . import plugins, strategies
 from .methods import Method
 from .models import group_names
 
@@ -146,16 +146,28 @@ CLASSES: dict[str, type[Intervention]] = {}
 
 
 def register(description: strategies.Intervention, cls: type[Intervention]) -> None:
-    """Add an intervention: its description (:func:`ablation.strategies.register`) and the class
-    that carries it out (a subclass of :class:`Intervention`)."""
+    """Add an intervention: its description (:func:`ablation.strategies.register`, with
+    ``packed=False``: the packed trainer cannot run a class) and the class that carries it out
+    (a subclass of :class:`Intervention`)."""
+    if description.packed:
+        raise ValueError(f"intervention {description.name!r} has a class of its own, which the "
+                         "packed trainer cannot run; describe it with packed=False")
+    if not (isinstance(cls, type) and issubclass(cls, Intervention)):
+        raise ValueError(f"intervention {description.name!r}: {cls!r} is not a subclass of "
+                         "ablation.interventions.Intervention")
     strategies.register(description)
     CLASSES[description.name] = cls
 
 
 def build_intervention(model: nn.Module, config: TrialConfig) -> Intervention:
     """The strategy object of the trial's intervention: its registered class, else the class
-    its description calls for."""
+    its description calls for (which acts from the first epoch)."""
     d = strategies.intervention(config.intervention)
+    if d.name in plugins.STAND_INS:  # a bug: callers check plugins.missing first
+        raise ValueError(f"intervention {d.name!r} is known from a run folder's record only")
+    if d.name not in CLASSES and d.acts_from is not None:
+        raise ValueError(f"intervention {d.name!r} acts from a later epoch (acts_from) but has "
+                         "no class to do so; register one with ablation.interventions.register")
     cls = CLASSES.get(d.name) or (AWP if d.perturbs else FixParam if d.frozen
                                   else FixLR if d.keeps_lr_max else Intervention)
     return cls(model, config)

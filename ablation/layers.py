@@ -27,6 +27,8 @@ ALL_SUBSETS: tuple[Subset, ...] = tuple(
 # four. The paper's panels have no [1, 2, 3, 4]; it joins the triples (Figure 3 draws it).
 PANELS: tuple[tuple[Subset, ...], ...] = (ALL_SUBSETS[0:4], ALL_SUBSETS[4:7],
                                           ALL_SUBSETS[7:10], ALL_SUBSETS[10:15])
+# Their titles, in that order (each figure grid names its panels with them).
+PANEL_TITLES = ("Single layers", "Pairs with layer 1", "Other pairs", "Triples and all four")
 
 
 def parse(value: Any, where: str) -> Subset:

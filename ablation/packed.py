@@ -183,6 +183,8 @@ class PackTrainer(Loop):
         if len(configs) < 2 or any(not same_base(configs[0], c) for c in configs[1:]):
             raise ValueError("a pack holds two or more trials that differ only in their "
                              "intervention")  # the caller forms packs; a bug otherwise
+        if any(not strategies.intervention(c.intervention).packed for c in configs):
+            raise ValueError("a pack holds only interventions its fields describe (packed)")
         super().__init__(configs[0], data)
         self.k = len(configs)
         config = configs[0]

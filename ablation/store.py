@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import files
+from . import files, plugins, strategies
 from .config import TrialConfig, from_dict
 from .curves import best_last
 from .errors import AblateError, ConfigError
@@ -159,11 +159,22 @@ class RunDir:
         return self.manifest_path.exists()
 
     def trials(self) -> dict[str, TrialConfig]:
-        """The trials this folder holds, by key."""
+        """The trials this folder holds, by key. A trial may name an intervention or model of
+        a plugin: one this process has not loaded is known from the folder's record of it, never
+        by running the plugin text the folder holds (:func:`ablation.plugins.stand_ins`)."""
         if not self.exists():
             raise AblateError(f"{self.location}: not an ablate run folder (no sweep.json)")
+        manifest = self.manifest()
+        plugins.stand_ins(manifest.get("plugin_names"), self.where(files.SWEEP))
         return {key: from_dict(raw, source=self.where(files.SWEEP))
-                for key, raw in self.manifest()["trials"].items()}
+                for key, raw in manifest["trials"].items()}
+
+    def plugins(self) -> list[plugins.Plugin]:
+        """The plugin files of the sweep, as the last ``ablate run`` recorded them (none before
+        it records its sweep)."""
+        if not self.exists():
+            return []
+        return plugins.from_dicts(self.manifest().get("plugins", []), self.where(files.SWEEP))
 
     def manifest(self) -> dict[str, Any]:
         """``sweep.json``: the run's name, description and trials. The folder cannot rebuild it
@@ -185,6 +196,8 @@ class RunDir:
     def write_manifest(self, sweep: Sweep) -> None:
         self.write_json(files.SWEEP, {"name": sweep.name, "description": sweep.description,
                                       "autoattack": sweep.autoattack,
+                                      "plugins": [p.to_dict() for p in sweep.plugins],
+                                      "plugin_names": plugins.record(sweep.trials),
                                       "trials": {k: c.to_dict() for k, c in sweep.by_key.items()}})
 
     def trial_dir(self, key: str) -> Path:
@@ -321,7 +334,8 @@ def plan(run: RunDir, sweep: Sweep, restart_errored: bool) -> dict[str, TrialCon
         if gone:
             raise ConfigError(
                 f"the sweep file changed {len(gone)} trial(s) already in {run.location} "
-                f"(e.g. {gone[0]}); undo the change or run it with another --storage")
+                f"(e.g. {gone[0]}); undo the change (or the --set) or run it with another "
+                "--storage")
     run.write_manifest(sweep)
     # A driver killed after a trial's summary.json lost only the row; the store was just pulled.
     run.rebuild_summaries(fetch=False)
@@ -342,9 +356,11 @@ def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
     """What each trial of ``todo`` receives where it runs (:func:`ablation.worker.run_trial`):
     its key and config (a relative data root made absolute: workers chdir), the run folder,
     torch's thread count, AutoAttack's test images, the fork it starts from and the epochs after
-    which it writes fork files for others (both from ``waits``: :func:`ablation.fork.fork_waits`).
+    which it writes fork files for others (both from ``waits``: :func:`ablation.fork.fork_waits`),
+    and the sweep's plugins, which the worker loads before it builds the trial.
     """
     out = []
+    shipped = [p.to_dict() for p in run.plugins()]
     for key, config in todo.items():
         root = Path(config.data_root).expanduser()
         if not root.is_absolute():
@@ -353,17 +369,21 @@ def trial_params(run: RunDir, todo: dict[str, TrialConfig], threads: int,
         out.append({"key": key, "config": config.to_dict(), "run": run.location,
                     "threads": threads, "autoattack": autoattack,
                     "fork": fork.to_dict() if fork else None,
-                    "fork_points": list(waits.points.get(key, ()))})
+                    "fork_points": list(waits.points.get(key, ())), "plugins": shipped})
     return out
 
 
 def plan_packs(trials: list[TrialConfig], forks: dict[str, Fork], size: int) -> list[list[str]]:
     """The packs of a sweep's trials (keys), trained together ``size`` at a time: trials that
     differ only in their intervention and start alike (from the same baseline's fork file after
-    the same epochs, or from scratch), in key order. Formed from the whole sweep, never from what
-    is left to do, so a resumed sweep forms the same packs."""
+    the same epochs, or from scratch), in key order. A trial whose intervention the packed
+    trainer does not carry out (its description's ``packed``) trains alone. Formed from the whole
+    sweep, never from what is left to do, so a resumed sweep forms the same packs."""
     groups: dict[tuple, list[str]] = {}
     for trial in sorted(trials, key=lambda t: t.key):
+        if not strategies.intervention(trial.intervention).packed:
+            groups[(trial, "alone")] = [trial.key]
+            continue
         fork = forks.get(trial.key)
         start = (fork.parent, fork.epochs) if fork else None
         group = next((g for g in groups if g[1] == start and same_base(g[0], trial)),
@@ -441,8 +461,27 @@ def status_table(run: RunDir) -> tuple[pd.DataFrame, float | None]:
                      "best_robust": numbers.get("best_test_robust_acc", float("nan")),
                      "current_robust": numbers.get("last_test_robust_acc", float("nan"))})
     running = sum(r["state"] == "running" for r in rows)
-    eta = sum(seconds) / len(seconds) * remaining / max(running, 1) if seconds else None
+    eta = sum(seconds) / len(seconds) * remaining / max(running, 1) \
+        if seconds and alive else None  # no driver: nothing is coming
     return pd.DataFrame(rows), eta
+
+
+def stopped_line(run: RunDir) -> str | None:
+    """Said by ``ablate status`` when no driver runs the sweep (after Ctrl-C or a crash): when
+    it was last seen, and the command that resumes; None while one runs."""
+    driver = run.states()["driver"]
+    if _driver_alive(driver):
+        return None
+    seen = f" (last seen {_clock(driver['time'])})" if isinstance(
+        (driver or {}).get("time"), (int, float)) else ""
+    return (f"no driver is running this sweep{seen}; run `ablate run <sweep file> --storage "
+            f"{run.location}` to resume")
+
+
+def _clock(seconds: float) -> str:
+    """A time as HH:MM, with its date unless it is today."""
+    when = time.localtime(seconds)
+    return time.strftime("%H:%M" if when[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M", when)
 
 
 # --- one driver per run folder (DriverLock) and what its trials wait for ------------------------
@@ -493,10 +532,7 @@ class DriverLock:
                 time.sleep(0.05)
         else:
             return "another driver"
-        since = time.localtime(info["since"])
-        when = time.strftime("%H:%M" if since[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M",
-                             since)
-        return f"pid {info['pid']} on host {info['host']} since {when}"
+        return f"pid {info['pid']} on host {info['host']} since {_clock(info['since'])}"
 
 
 def waiting_line(run: RunDir) -> str | None:

@@ -6,11 +6,14 @@ classes (:mod:`ablation.methods`, :mod:`ablation.interventions`), which carry it
 A name without a description raises (:func:`intervention`, :func:`method`): it never means "no
 effect", which would let the planner fork a trial whose intervention changes training. Adding an
 intervention is one description here (or :func:`register`) and, if no existing class carries it
-out, one class registered beside it in :mod:`ablation.interventions`.
+out, one class registered with it by :func:`ablation.interventions.register`; a user keeps both
+in a plugin file of their own (docs/extending.md).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +55,12 @@ class Intervention:
     (fix-lr), or never move (fix-param: no gradient, weight decay or momentum), or their weights
     are perturbed by AWP from the method's warm-up epoch on (``perturbs``: "groups" for the
     chosen groups, "all" for every weight of more than one dimension).
+
+    An intervention with a class of its own (a plugin's, docs/extending.md) says two more
+    things: ``acts_from(config)``, the first 0-based epoch in which it acts, if that is not the
+    first (before it the trial computes what its baseline computes, so the fork planner shares
+    those epochs); and ``packed=False``: the packed trainer carries out these fields, never a
+    class, so its trials train alone.
     """
 
     name: str
@@ -61,11 +70,15 @@ class Intervention:
     perturbs: str = ""  # "", "groups" or "all"
     grid_baseline: str = "none"  # the trial each subset's curve is drawn against (Figures 2-4)
     extra_passes: float = 0.0  # forward-equivalents per training image added to a step
+    acts_from: Callable[[TrialConfig], int] | None = None  # None: from the first epoch
+    packed: bool = True  # the packed trainer carries it out from these fields (--pack)
 
     def acts(self, config: TrialConfig, epoch: int) -> bool:
         """Whether the intervention changes the 0-based ``epoch``'s computation other than
         through the learning rates: a frozen group from the first batch on, a perturbation once
-        AWP is on (:func:`awp_active`)."""
+        AWP is on (:func:`awp_active`), neither before ``acts_from``."""
+        if self.acts_from is not None and epoch < self.acts_from(config):
+            return False
         if self.frozen:
             return True
         if self.perturbs:
@@ -93,11 +106,17 @@ INTERVENTION_FIELDS = ("intervention", "layers", "awp_gamma", "awp_warmup")
 
 
 def register(description: Intervention) -> Intervention:
-    """Add an intervention's description (its name must be new); returns it."""
+    """Add an intervention's description (its name must be new); returns it. A plugin's mistakes
+    raise here, and the plugin loader names its file (:mod:`ablation.plugins`)."""
     if description.name in INTERVENTIONS:
-        raise ValueError(f"intervention {description.name!r} is described already")  # a bug
+        raise ValueError(f"intervention {description.name!r} is described already")
+    if not re.fullmatch(r"[a-z0-9_]+", description.name):  # it is part of trial keys and paths
+        raise ValueError(f"intervention name {description.name!r}: use only a-z, 0-9 and _")
     if description.perturbs not in ("", "groups", "all"):
         raise ValueError(f"perturbs must be '', 'groups' or 'all', got {description.perturbs!r}")
+    if description.acts_from is not None and description.packed:
+        raise ValueError(f"intervention {description.name!r}: the packed trainer acts from the "
+                         "first epoch; describe an intervention with acts_from as packed=False")
     INTERVENTIONS[description.name] = description
     return description
 
@@ -114,6 +133,7 @@ for _description in (
     Intervention("awp_full", layer_wise=False, perturbs="all", extra_passes=3),
 ):
     register(_description)
+BUILT_IN = frozenset(INTERVENTIONS)  # the rest come from plugins (ablation.plugins)
 
 
 def intervention(name: str) -> Intervention:

@@ -24,6 +24,7 @@ from .cluster import fits_a_node, fmt_resources, wait_for_capacity, waits_for_au
 from .config import TrialConfig
 from .errors import AblateError, RunFailed
 from .fork import FINISHED, Fork, ForkQueue, fork_waits
+from .loggers import Loggers
 from .store import RunDir, dispatch_units, trial_params
 from .worker import failure, receive, run_unit
 
@@ -53,9 +54,11 @@ def ablate_trial(sample: dict[str, Any]) -> None:
 class SweepProgress:
     """A live bar over every epoch of the sweep, with trial counts by state."""
 
-    def __init__(self, total_epochs: int, stored: set[tuple[str, int]], quiet: bool):
+    def __init__(self, total_epochs: int, stored: set[tuple[str, int]], quiet: bool,
+                 done: int = 0):
         from tqdm import tqdm
 
+        self.done = done  # trials finished before this run, which it does not dispatch
         self.seen = set(stored)  # (key, epoch) already in the store: a replay adds nothing
         self.bar = tqdm(total=total_epochs, initial=len(self.seen), unit="epoch", disable=quiet,
                         dynamic_ncols=True, mininterval=0.5)
@@ -67,6 +70,7 @@ class SweepProgress:
 
     def update_states(self, states: dict[str, str]) -> None:
         counts = {s: sum(v == s for v in states.values()) for s in ("running", "done", "errored")}
+        counts["done"] += self.done
         self.bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in counts.items()))
 
     def close(self) -> None:
@@ -121,9 +125,10 @@ def make_searcher(queue: ForkQueue):
 
 
 def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str, str],
-                  progress, watch: WaitWatch):
+                  progress, watch: WaitWatch, loggers: Loggers):
     """The driver's one writer: each trial's messages to the run folder (see
-    :func:`ablation.worker.receive`), trial states and what pending trials wait for. A Tune
+    :func:`ablation.worker.receive`) and then to ``--log``'s backends (:mod:`ablation.loggers`),
+    trial states and what pending trials wait for. A Tune
     trial is a pack of ablate trials, each with its own state; a trial that reports ``failed``
     (see ablate_trial) is marked errored with that line and stays so when its trainable then
     returns."""
@@ -155,6 +160,7 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
                 return  # Tune's own results (none is expected)
             key = result["trial"]
             receive(run, configs, result)
+            loggers.received(result)
             if "row" in result:
                 # refreshes the heartbeat that `ablate status` reads
                 run.write_states(states, waiting=watch.line)
@@ -167,6 +173,7 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             for key in _members(trial):
+                loggers.end(key, failed=key in failed)
                 if key not in failed:
                     run.clear_error(key)
             self._state(trial, "done", trials)
@@ -176,6 +183,7 @@ def make_callback(run: RunDir, configs: dict[str, TrialConfig], states: dict[str
             text = Path(error).read_text() if error and Path(error).exists() else "unknown error"
             for key in _members(trial):
                 run.mark_errored(key, text)
+                loggers.end(key, failed=True)
             self._state(trial, "errored", trials)
 
     return StoreCallback()
@@ -231,7 +239,7 @@ class WaitWatch:
 
 def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
               cpus_per_trial: float, gpus_per_trial: float | None, max_concurrent: int | None,
-              max_failures: int, autoattack: int | None, progress,
+              max_failures: int, autoattack: int | None, progress, loggers: Loggers,
               forks: dict[str, Fork] | None = None, packs: list[list[str]] | None = None,
               echo=lambda message: None) -> dict[str, str]:
     """Dispatch the trials through Ray Tune, inside ``ray_cluster`` (which names the ``cluster``
@@ -243,6 +251,7 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
     :mod:`ablation.fork`) start trials from their baseline's checkpoint; None trains every trial
     from its first epoch. ``packs`` (:func:`ablation.store.plan_packs`) are trained one Tune
     trial each, with ``--cpus-per-trial`` and ``--gpus-per-trial``; None: a trial each.
+    ``loggers`` (``--log``, :class:`ablation.loggers.Loggers`) log each message after the store.
     """
     import ray
     from ray import tune
@@ -275,7 +284,7 @@ def run_sweep(run: RunDir, todo: dict[str, TrialConfig], *, cluster: str | None,
         run_config=tune.RunConfig(
             name=time.strftime("tune-%Y%m%d-%H%M%S"), storage_path=str(run.root / files.RAY_DIR),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[make_callback(run, todo, states, progress, watch)], verbose=0),
+            callbacks=[make_callback(run, todo, states, progress, watch, loggers)], verbose=0),
     )
     try:
         tuner.fit()

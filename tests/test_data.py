@@ -19,7 +19,7 @@ from ablation.data import Data, _CifarUnpickler, augment, crop_flip, load_data, 
 from ablation.datasets import DatasetInfo, dataset_info
 from ablation.errors import ConfigError, DataError
 
-# METHOD.md normalisation constants.
+# docs/method.md normalisation constants.
 CONSTANTS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
@@ -201,8 +201,10 @@ def test_download_only_when_files_are_missing(tmp_path, monkeypatch):
         load_data("cifar10", tmp_path / "empty", download=True)
     assert len(calls) == 1 and "network unreachable" in str(err.value)
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match=r"svhn: download into .* failed .*network unreachable.*; "
-                                        r"put the \.mat files at .*train_32x32\.mat instead"):
+    with pytest.raises(DataError, match=r"svhn: cannot download http\S*train_32x32\.mat "
+                                        r"\(OSError: network unreachable\); copy train_32x32\.mat "
+                                        r"\(from http\S*\) into .*empty_svhn and run the same "
+                                        r"command again$"):
         load_data("svhn", tmp_path / "empty_svhn", download=True)
 
 

@@ -135,3 +135,59 @@ def test_fetch_data_downloads_once_under_a_lock_then_verifies(tmp_path, monkeypa
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 3 and all(len(r) == 7 for r in results)
+
+
+@pytest.mark.parametrize("name,archive", [("cifar10", "cifar-10-python.tar.gz"),
+                                          ("svhn", "train_32x32.mat")])
+def test_offline_fetch_names_the_url_and_the_file_to_copy_and_leaves_no_lock(
+        tmp_path, monkeypatch, name, archive):
+    # An unreachable URL, as on a node without internet: a refused connection on port 9.
+    from torchvision import datasets as tvd
+
+    from ablation import datafiles as data_module
+
+    url = f"http://127.0.0.1:9/{archive}"
+    if name == "svhn":
+        splits = {s: (f"http://127.0.0.1:9/{f}", f, md5)
+                  for s, (_, f, md5) in tvd.SVHN.split_list.items()}
+        monkeypatch.setattr(tvd.SVHN, "split_list", splits)
+    else:
+        monkeypatch.setattr(tvd.CIFAR10, "url", url)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        data_module.fetch_data(name, root)
+    message = str(err.value)
+    assert "\n" not in message and f"cannot download {url}" in message
+    assert message.endswith(f"copy {archive} (from {url}) into {root} and run the same command "
+                            "again")
+    assert sorted(p.name for p in root.iterdir()) == []  # no lock file, no partial download
+    # A wrong file already there is named as such instead.
+    (root / archive).write_bytes(b"not the archive")
+    with pytest.raises(DataError, match=re.escape(f"{root / archive} is not the official file")):
+        data_module.fetch_data(name, root)
+    assert sorted(p.name for p in root.iterdir()) == [archive]
+
+
+def test_an_archive_copied_into_the_folder_is_extracted_and_verified_offline(tmp_path,
+                                                                            monkeypatch):
+    # What the offline message tells the user to do, done: the archive in the folder, no network.
+    import hashlib
+    import tarfile
+
+    from torchvision import datasets as tvd
+
+    from ablation import datafiles as data_module
+
+    source = tmp_path / "source"
+    write_fake_dataset("cifar10", source, n_train=20, n_test=10)
+    monkeypatch.setattr(data_module, "official_md5", lambda n: _md5_table(source, n))
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(tvd.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", hashlib.md5(
+        (root / "cifar-10-python.tar.gz").read_bytes()).hexdigest())
+    assert len(data_module.fetch_data("cifar10", root)) == 7
+    check_data("cifar10", root, download=False)
+    assert not (root / ".ablate-download.lock").exists()

@@ -16,19 +16,25 @@ SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 PREACT18 = ("cifar10_linf", "cifar10_l2", "cifar100_linf", "cifar100_l2", "svhn_linf", "svhn_l2")
 # Counts designed in each file's header: 3 interventions x 15 subsets + AT + AWP = 47;
 # WRN: (RAT_LR, RAT_WP, AT, AWP) x 5 seeds; TRADES: 15 + 2; architectures: 4 x (15 + 2);
-# demo: 2 x 2 + AT.
+# demo: 2 x 3 + AT + AWP.
 COUNTS = {**{name: 47 for name in PREACT18}, "wrn34_cifar10_linf": 20,
-          "trades_cifar10_linf": 17, "architectures_linf": 68, "demo_digits": 5}
+          "trades_cifar10_linf": 17, "architectures_linf": 68, "demo_digits": 8}
+# sweeps/tables/, the paper's table rows over 5 seeds: 2 threat models x (AT, RAT_LR, RAT_WP, AWP)
+# x 5 per table and network; TRADES: (TRADES, TRADES-AWP, Table 5's 4 subsets) x 5.
+TABLE_SWEEPS = {f"tables/table{n}_{dataset}_{net}": 40 for n, dataset in
+                ((1, "cifar10"), (2, "cifar100"), (3, "svhn")) for net in ("preact18", "wrn34")}
+COUNTS.update({**TABLE_SWEEPS, "tables/table4_5_trades": 30})
 
 
 def test_every_shipped_sweep_is_tested():
-    assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(COUNTS)
+    shipped = [*SWEEPS.glob("*.yaml"), *SWEEPS.glob("tables/*.yaml")]
+    assert {p.relative_to(SWEEPS).with_suffix("").as_posix() for p in shipped} == set(COUNTS)
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_shipped_sweeps_load_with_their_counts_and_unique_stable_keys(name):
     sweep = load_sweep(SWEEPS / f"{name}.yaml")
-    assert sweep.name == name and sweep.description
+    assert sweep.name == name.rpartition("/")[2] and sweep.description
     assert len(sweep.trials) == COUNTS[name]
     keys = [t.key for t in sweep.trials]
     assert len(set(keys)) == len(keys) == len(sweep.by_key)
@@ -126,7 +132,8 @@ def test_demo_is_small_and_says_it_demonstrates_only():
     assert {(t.dataset, t.model, t.device, t.epochs) for t in demo.trials} == {
         ("digits", "preact_small", "cpu", 8)}
     assert [(t.intervention, t.layers) for t in demo.trials] == [
-        ("fix_lr", (3, 4)), ("fix_lr", (1, 2)), ("awp", (3, 4)), ("awp", (1, 2)), ("none", ())]
+        ("fix_lr", (3, 4)), ("fix_lr", (1, 2)), ("fix_lr", (1, 2, 3, 4)), ("awp", (3, 4)),
+        ("awp", (1, 2)), ("awp", (1, 2, 3, 4)), ("none", ()), ("awp_full", ())]
     text = " ".join(demo.description.split())
     assert "demo only" in text and "does not reproduce robust overfitting" in text
     assert "no finding" in text
@@ -200,3 +207,28 @@ def test_a_sweep_of_baselines_only_runs_each_baseline_once():
     sweep = sweep_from_dict(raw, source="b.yaml")
     assert [t.intervention for t in sweep.trials] == ["none", "awp_full"]
     assert sweep.path == Path("b.yaml") and sweep.autoattack is None and sweep.description == ""
+
+
+def test_table_sweeps_are_the_grid_sweeps_table_rows_over_five_seeds():
+    """The 5-seed table sweeps run the same trials (same keys, so the same constants) as the
+    one-seed sweeps of each setting, for the paper's table rows only."""
+    def keys(name, seed=None):
+        return {t.key for t in load_sweep(SWEEPS / f"{name}.yaml").trials
+                if seed is None or t.seed == seed}
+
+    rows = {("fix_lr", (3, 4)), ("awp", (3, 4)), ("none", ()), ("awp_full", ())}
+    for name in TABLE_SWEEPS:
+        sweep = load_sweep(SWEEPS / f"{name}.yaml")
+        assert {(t.intervention, t.layers) for t in sweep.trials} == rows
+        assert sweep.autoattack == 0 and {t.seed for t in sweep.trials} == {0, 1, 2, 3, 4}
+        if name.endswith("preact18"):
+            dataset = sweep.trials[0].dataset
+            assert keys(name, seed=0) <= keys(f"{dataset}_linf") | keys(f"{dataset}_l2")
+    linf = {t.key for t in load_sweep(SWEEPS / "tables/table1_cifar10_wrn34.yaml").trials
+            if t.threat == "linf"}
+    assert linf == keys("wrn34_cifar10_linf")
+    trades = load_sweep(SWEEPS / "tables/table4_5_trades.yaml")
+    assert {(t.intervention, t.layers) for t in trades.trials} == {
+        ("none", ()), ("awp_full", ()), ("awp", (4,)), ("awp", (3, 4)), ("awp", (2, 3, 4)),
+        ("awp", (1, 2, 3, 4))}
+    assert keys("tables/table4_5_trades", seed=0) <= keys("trades_cifar10_linf")

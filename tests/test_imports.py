@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ablation"
 TORCH_FREE = {"config", "strategies", "datasets", "layers", "schedule", "fork", "files", "io",
               "errors", "curves", "store", "grid", "remote", "datafiles", "cluster",
               "report", "report.numbers", "report.tables", "report.effects", "report.writers",
-              "report.figures", "report.index"}
+              "report.figures", "report.index", "analysis"}
 RAY_ALLOWED = {"tune", "cluster"}
 
 

@@ -1,4 +1,4 @@
-"""Interventions against hand computations of METHOD.md B §4-§5 on a tiny PreAct ResNet."""
+"""Interventions against hand computations of docs/method.md B §4-§5 on a tiny PreAct ResNet."""
 
 import copy
 

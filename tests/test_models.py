@@ -1,4 +1,4 @@
-"""Model registry, layer groups (METHOD.md §8 shares), forward shapes and input normalization."""
+"""Model registry, layer groups (docs/method.md B §8 shares), forward shapes, normalization."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ablation.models import MODELS, Normalize, build_model, group_names, ungroup
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
-# % of all parameters per group (CIFAR-10 heads), rounded to 0.1 in METHOD.md §8.
+# % of all parameters per group (CIFAR-10 heads), rounded to 0.1 in docs/method.md B §8.
 SHARES = {
     "preact18": (1.3, 4.7, 18.8, 75.1),
     "preact34": (1.0, 5.2, 32.1, 61.6),

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 from conftest import ablate, run_sweep_in_process, small_sweep, write_sweep
 
+from ablation import open_run
 from ablation.errors import AblateError
 from ablation.evaluate import evaluate_run
 from ablation.remote import Remote
@@ -77,6 +78,22 @@ def test_a_run_written_to_s3_is_read_from_another_machine(bucket, monkeypatch, t
                                   written.sort_values(["key", "epoch"]).reset_index(drop=True))
     states = dict(status_table(RunDir.open(uri))[0][["key", "state"]].values)
     assert sorted(states.values()) == ["done", "pending"]
+
+
+def test_open_run_reads_a_run_at_s3_and_refresh_pulls_its_new_epochs(bucket, monkeypatch,
+                                                                      tmp_path):
+    uri = bucket("runs/small")
+    partial_run_at(uri, monkeypatch, tmp_path)
+    use_cache(monkeypatch, tmp_path / "reader")
+    run = open_run(uri)
+    assert sorted(run.configs.state) == ["done", "pending"] and len(run.curves) == 3
+
+    use_cache(monkeypatch, tmp_path / "writer")
+    run_sweep_in_process(small_sweep(), uri)  # the writer finishes the stopped trial
+    use_cache(monkeypatch, tmp_path / "reader")
+    run.refresh()
+    assert set(run.configs.state) == {"done"} and len(run.curves) == 4
+    assert run.curves.complete.all() and len(run.summary) == 2
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from ablation.curves import best_last
 from ablation.errors import AblateError
 from ablation.report import load_run
 from ablation.report.figures import (
+    EMPTY_PANEL,
     FIGURES,
     SUBSETS,
     WIDTHS,
@@ -66,7 +67,10 @@ def test_grid_panels_hold_the_papers_settings_and_the_stored_curves(run, interve
     for ax, labels in zip(axes, expected_panels(intervention)):
         assert legend(ax) == labels
     assert fig.get_supxlabel() == "Epoch (0-based)"
-    assert fig.get_supylabel() == "Test robust accuracy (%)"
+    assert fig.get_supylabel() == "Test robust accuracy, PGD-2 (%)"  # tiny_study's test_steps
+    assert [ax.get_title() for ax in axes] == ["Single layers", "Pairs with layer 1",
+                                               "Other pairs", "Triples and all four"]
+    assert not [t for ax in axes for t in ax.texts]  # every panel has its trials: no note
     assert len({ax.get_ylim() for ax in axes}) == 1  # one y range for the four panels
     label = f"AT_{intervention}_[3, 4]"
     np.testing.assert_allclose(line(axes[2], label).get_ydata(),
@@ -83,7 +87,7 @@ def test_grid_panels_hold_the_papers_settings_and_the_stored_curves(run, interve
 def test_grid_of_another_metric_plots_that_column_and_names_it(run):
     (stem, fig), = intervention_grid(run, "fix_lr", "train_robust_acc")
     assert stem == "fix_lr" + STEM + "-train_robust_acc"
-    assert fig.get_supylabel() == "Train robust accuracy (%)"
+    assert fig.get_supylabel() == "Train robust accuracy, 1-step AT attack (%)"  # train_steps
     np.testing.assert_allclose(line(fig.axes[3], "AT_fix_lr_[1, 2, 3, 4]").get_ydata(),
                                stored(run, "AT_fix_lr_[1, 2, 3, 4]", "train_robust_acc"))
     (_, loss), = intervention_grid(run, "awp", "test_robust_loss")  # losses are not percent
@@ -236,7 +240,41 @@ def test_awp_grid_without_full_awp_says_so_and_does_not_stand_in_at(run):
     no_awp = replace(run, curves=run.curves[run.curves.intervention != "awp_full"])
     (_, fig), = intervention_grid(no_awp, "awp")
     assert legend(fig.axes[0])[0] == "AT_awp_[1]"
-    assert "no AWP baseline in this run" in fig.get_suptitle()
+    assert "AWP baseline (awp_full) not in this run" in fig.get_suptitle()
+
+
+def test_an_incomplete_grid_says_what_is_absent_and_titles_panels_by_what_they_draw(run):
+    """The old demo's design: fix_lr and awp on [3, 4] and [1, 2], AT, no AWP baseline."""
+    kept = {"AT", "AT_fix_lr_[3, 4]", "AT_fix_lr_[1, 2]", "AT_awp_[3, 4]", "AT_awp_[1, 2]"}
+    few = replace(run, curves=run.curves[run.curves.label.isin(kept)])
+    for intervention in ("fix_lr", "awp"):
+        (_, fig), = intervention_grid(few, intervention)
+        notes = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+        assert notes == [[EMPTY_PANEL], [], [], [EMPTY_PANEL]]  # singles; triples and all four
+        assert "no trial of this\ngroup in the run" == EMPTY_PANEL
+        assert [ax.get_title() for ax in fig.axes][::3] == ["Single layers",
+                                                            "Triples and all four"]
+        assert fig.get_supylabel() == "Test robust accuracy, PGD-2 (%)"
+    assert "AWP baseline (awp_full) not in this run" in fig.get_suptitle()  # the awp grid's
+    (_, lr_fig), (_, awp_fig) = gap_figure(few)
+    # Figure 3(b) is AT vs fix_lr on all layers, 3(c) [3, 4] vs all layers: neither is drawn,
+    # so the panels are named by the settings they hold, and the title says what is missing.
+    assert [ax.get_title() for ax in lr_fig.axes] == [
+        "AT robust", "AT natural", "AT_fix_lr_[3, 4] robust", "AT_fix_lr_[3, 4] natural"]
+    assert [ax.get_title() for ax in awp_fig.axes if ax.get_visible()] == [
+        "AT_awp_[3, 4] robust", "AT_awp_[3, 4] natural", "AT"]
+    lr_title = lr_fig.get_suptitle().replace("\n", " · ")
+    assert "AT_fix_lr_[1, 2, 3, 4] not in this run (Figure 3(b), 3(c))" in lr_title
+    awp_title = awp_fig.get_suptitle().replace("\n", " · ")
+    assert "AT_awp_[1, 2, 3] not in this run (Figure 4(b))" in awp_title
+    assert "AWP not in this run (Figure 4(c))" in awp_title
+    # Robust panels name the attacks of their curves: PGD-test_steps on the test set,
+    # PGD-train_steps on the fixed train subset; natural ones name none.
+    assert lr_fig.axes[0].get_ylabel() == "Robust accuracy (%)\ntest PGD-2, train PGD-1"
+    assert awp_fig.axes[2].get_ylabel() == "Robust accuracy, gap (%, pp)\ntest PGD-2, train PGD-1"
+    assert lr_fig.axes[1].get_ylabel() == "Natural accuracy (%)"
+    (_, heat), = heatmap(few)
+    assert "PGD-2" in heat.axes[1].get_ylabel()
 
 
 def test_ylim_fixes_the_grids_y_range(run):

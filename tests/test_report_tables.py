@@ -147,3 +147,21 @@ def test_partial_run_marked(tmp_path: Path) -> None:
     write_tables(run, ["best-last"], tmp_path / "out")
     md = (tmp_path / "out" / "best-last.md").read_text()
     assert "\n\n\\* still running" in md  # its own paragraph, not a list bullet
+
+
+def test_skipped_tables_are_one_note_per_reason(study_run: Path, tmp_path: Path) -> None:
+    """The old demo's design (fix_lr and awp on two subsets, AT, no AWP): the tables it cannot
+    fill are notes, the two effects tables under one line, the rest written."""
+    from dataclasses import replace
+
+    run = load_run(study_run)
+    kept = {"AT", "AT_fix_lr_[3, 4]", "AT_fix_lr_[1, 2]", "AT_awp_[3, 4]", "AT_awp_[1, 2]"}
+    few = replace(run, curves=run.curves[run.curves.label.isin(kept)],
+                  summary=run.summary[run.summary.label.isin(kept)])
+    said: list[str] = []
+    written = write_tables(few, TABLES, tmp_path, warn=said.append)
+    assert "best-last" in [t.stem for t in written]
+    assert len(said) == 2 and all(line.startswith("note: no ") for line in said), said
+    assert said[0].startswith("note: no awp-compare table: ") and "awp_full" in said[0]
+    assert said[1].startswith("note: no effects-diff or effects-best table: ")
+    assert "too few" in said[1] and "\n" not in said[1]

@@ -1,11 +1,14 @@
-"""Model registry. Each architecture declares its four layer groups in ``layer_groups()``."""
+"""Model registry. Each architecture declares its four layer groups in ``layer_groups()``; a
+user's own model registers with :func:`register` (a plugin, docs/extending.md)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from .. import config as config_names
 from ..config import TrialConfig
 from ..datasets import DatasetInfo
 from ..layers import GROUPS
@@ -16,7 +19,7 @@ from .preact import preact18, preact34, preact_small
 from .vgg import vgg16
 from .wrn import wrn34_10
 
-__all__ = ["MODELS", "Normalize", "build_model", "build_trial_model", "group_names",
+__all__ = ["MODELS", "Normalize", "build_model", "build_trial_model", "group_names", "register",
            "ungrouped_names"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -28,6 +31,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dla": dla,
     "preact_small": preact_small,
 }
+
+
+def register(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add model ``name`` (new; a-z, 0-9 and _, as it becomes part of trial keys):
+    ``builder(num_classes=, in_channels=, mean=, std=)`` returns the network, which normalises
+    its input with ``Normalize(mean, std)`` and declares ``layer_groups()`` (see preact.py)."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is registered already")
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"model name {name!r}: use only a-z, 0-9 and _")
+    MODELS[name] = builder
+    config_names.MODELS.append(name)
 
 
 def build_model(

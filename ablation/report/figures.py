@@ -99,12 +99,35 @@ def _is_percent(metric: str) -> bool:
     return metric.endswith("_acc")
 
 
-def metric_name(metric: str) -> str:
-    """Axis label of a curve column: 'Test robust accuracy (%)', 'Test robust loss', ..."""
+def _values(column: pd.Series) -> str:
+    return "/".join(str(v) for v in sorted(column.unique()))
+
+
+def attack(metric: str, rows: pd.DataFrame) -> str | None:
+    """The attack behind a robust curve column of these trials (None for a clean one), as the
+    trainer measures it (``eval_rows``, ``train_epoch``; docs/method.md C.4): PGD with
+    ``test_steps`` on the test set, PGD with ``train_steps`` in eval mode on the fixed train
+    subset, and the method's own training attack in the training pass."""
+    if "_robust_" not in metric:
+        return None
+    if metric.startswith("test_"):
+        return f"PGD-{_values(rows.test_steps)}"
+    if metric.startswith("train_eval_"):
+        return f"PGD-{_values(rows.train_steps)}"
+    methods = "/".join(strategies.method_label(m) for m in sorted(rows.method.unique()))
+    return f"{_values(rows.train_steps)}-step {methods} attack"
+
+
+def metric_name(metric: str, rows: pd.DataFrame | None = None) -> str:
+    """Axis label of a curve column: 'Test robust accuracy (%)', 'Test robust loss', ...; with
+    the trials' ``rows``, a robust column names its attack: 'Test robust accuracy, PGD-10 (%)'."""
     if metric in _METRIC_NAMES:
         name = _METRIC_NAMES[metric]
     else:
         name = metric.replace("_acc", "_accuracy").replace("_", " ").capitalize()
+    used = attack(metric, rows) if rows is not None else None
+    if used:
+        name = f"{name}, {used}"
     return f"{name} (%)" if _is_percent(metric) else name
 
 
@@ -189,6 +212,7 @@ def _styled(build: Callable[..., list[tuple[str, Figure]]]):
 
 
 PANEL_HEIGHT = {"column": 1.45, "full": 1.75}  # inches of plotting area per row of panels
+EMPTY_PANEL = "no trial of this\ngroup in the run"  # inside a grid panel none of whose subsets ran
 
 
 def _legend_below(ax) -> None:
@@ -210,7 +234,10 @@ def intervention_grid(run: RunData, intervention: str, metric: str = "test_robus
     metric's plot units: percent for accuracies) fixes the shared y range. Legend order in each
     panel (below it): the baseline first, then the panel's subsets in :data:`PANELS` order; a
     subset's colour is fixed by its position in that list (so it never shifts when a trial is
-    missing). Settings without any ``intervention`` trial give no figure.
+    missing). Each panel is titled with its group (``layers.PANEL_TITLES``); a panel none of
+    whose subsets ran says so inside it, a missing baseline is named in the title, and the y
+    label names the attack of a robust metric (:func:`attack`). Settings without any
+    ``intervention`` trial give no figure.
     """
     if intervention not in strategies.layer_wise():
         raise ValueError(f"no figure grid for intervention {intervention!r}")  # a caller's bug
@@ -232,12 +259,17 @@ def intervention_grid(run: RunData, intervention: str, metric: str = "test_robus
         fig = Figure(figsize=(WIDTHS[size], height), layout="constrained")
         # One x and y range for the four panels (an empty panel keeps the epochs' range).
         axes = fig.subplots(grid_rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
-        for ax, panel in zip(axes, PANELS):
+        for ax, panel, title in zip(axes, PANELS, layers.PANEL_TITLES):
             for curve in baseline.values():  # one, unless the run mixes baselines
                 _draw(ax, curve, BASELINE_COLOUR, "--", linewidth=1.3, zorder=3)  # on top
             for colour, subset in zip(PALETTE, panel):
                 if subset in by_layers:
                     _draw(ax, by_layers[subset], colour)
+            ax.set_title(title)
+            if not any(subset in by_layers for subset in panel):
+                ax.text(0.5, 0.5, EMPTY_PANEL, transform=ax.transAxes, ha="center",
+                        va="center", color="#555555", zorder=5,  # over the baseline, legible
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -245,12 +277,12 @@ def intervention_grid(run: RunData, intervention: str, metric: str = "test_robus
             ax.tick_params(labelbottom=True)  # sharex hides inner rows' tick labels
         if ylim is not None:
             axes[0].set_ylim(*ylim)  # shared by all four panels
-        fig.supylabel(metric_name(metric))
+        fig.supylabel(metric_name(metric, rows))
         fig.supxlabel(EPOCH_LABEL)
         partial = not chosen.complete.all() or not base_rows.complete.all()
         parts = [_setting_title(values), intervention]
         if not baseline:
-            parts.append(f"no {label(values['method'], base, '')} baseline in this run")
+            parts.append(f"{label(values['method'], base, '')} baseline ({base}) not in this run")
         parts += _seeds_note([*curves.values(), *baseline.values()])
         _suptitle(fig, parts + ([RUNNING_NOTE] if partial else []), size)
         suffix = "" if metric == "test_robust_acc" else metric
@@ -304,7 +336,10 @@ def gap_figure(run: RunData, labels: list[str] | None = None,
     setting (:data:`GAP_SETS`): ``gap-...-fix_lr`` (rows 3(b), 3(c)) and ``gap-...-awp`` (rows
     4(b), 4(c)); ``labels`` draws one figure of exactly those settings instead (robust and
     natural panels of all of them, then a gap panel each). Two panels per row at either size;
-    settings absent from the run are left out, and so is a row left empty.
+    settings absent from the run are left out and named in the title, and so is a row left
+    empty; a row missing some of its settings no longer draws the paper's panel, so its panels
+    are titled with the settings they draw instead of the paper's number. Robust panels' y
+    labels name the attacks of their test and train curves.
     """
     figures = []
     for values, all_rows in _settings(run):
@@ -334,10 +369,16 @@ def _gap(values: dict[str, str], rows: pd.DataFrame,
     labels present in ``rows`` (None if no row has any)."""
     present = set(rows.label)
     panels = []  # (title, kind, labels, accuracy) with accuracy an ACCURACIES entry
+    missing: dict[str, list[str]] = {}  # a setting absent from the run -> the rows that want it
     for title, kind, labels in chosen:
         names = [n for n in labels if n in present]
+        for name in labels:
+            if name not in present:
+                missing.setdefault(name, []).append(title)
         if not names:
             continue
+        if len(names) < len(labels):  # not what the paper's panel draws: named by what it does
+            title = ", ".join(names) if kind == "pair" else ""
         if kind == "pair":
             panels += [(f"{title} {acc[0].split()[0].lower()}".strip(), kind, names, acc)
                        for acc in ACCURACIES]
@@ -376,7 +417,14 @@ def _gap(values: dict[str, str], rows: pd.DataFrame,
         if kind == "gap":
             ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_title(title)
-        ax.set_ylabel(ylabel if kind == "pair" else "Robust accuracy, gap (%, pp)")
+        if kind == "gap":
+            ylabel = "Robust accuracy, gap (%, pp)"
+        if test_col == "test_robust_acc":  # the attacks of its test and train curves
+            panel_rows = rows[rows.label.isin(names)]
+            used = [f"{role} {attack(column, panel_rows)}" for role, column in
+                    (("test", test_col), ("train", _train_column(panel_rows, train_cols)))]
+            ylabel += "\n" + ", ".join(used)
+        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
@@ -395,6 +443,9 @@ def _gap(values: dict[str, str], rows: pd.DataFrame,
                               label="robust gap: train − test (pp)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=legend_columns, frameon=False)
     parts = [_setting_title(values), "train vs test"] + _seeds_note(curves)
+    for name, wanted_by in missing.items():
+        where = f" (Figure {', '.join(wanted_by)})" if any(wanted_by) else ""
+        parts.append(f"{name} not in this run{where}")
     _suptitle(fig, parts + ([RUNNING_NOTE] if running else []), size)
     return fig
 
@@ -465,9 +516,12 @@ def heatmap(run: RunData, size: str = DEFAULT_SIZE) -> list[tuple[str, Figure]]:
         ax.tick_params(length=0)
         ax.xaxis.tick_top()
         ax.set_ylabel("Layers with the intervention")
-        fig.colorbar(image, ax=ax, shrink=0.8, label="Diff = Best − Last, test robust acc (pp)")
+        pgd = attack("test_robust_acc", rows)
+        fig.colorbar(image, ax=ax, shrink=0.8,
+                     label=f"Diff = Best − Last, test robust acc, {pgd} (pp)")
         seeds = rows.seed.nunique()
-        parts = [_setting_title(values), "cell: Best test robust acc % (Diff = Best − Last)"]
+        parts = [_setting_title(values),
+                 f"cell: Best test robust acc % ({pgd}) (Diff = Best − Last)"]
         if seeds > 1:  # then a cell is the seed-mean curve's, not the tables' per-seed mean
             parts.append(f"Best, Last of the mean curve of {seeds} seeds (the tables: mean "
                          "of per-seed values)")

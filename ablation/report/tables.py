@@ -17,8 +17,10 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from .. import layers
+from ..errors import ConfigError
 from ..strategies import layer_wise, method_label
 from . import SETTING, RunData, label as setting_label
+from . import paper
 from .effects import effects_table
 from .numbers import (ID_COLUMNS, STEPS, Table, aa_note, aggregate, display_table,
                       empty_table, mark_running, per_trial, pgd_title)
@@ -46,6 +48,17 @@ def setting_names(run: RunData) -> dict[str, str]:
             if lab in names:
                 names.setdefault(name, lab)
     return names
+
+
+def resolve_settings(run: RunData, given: Iterable[str]) -> tuple[str, ...]:
+    """The trial labels of settings named as :func:`setting_names` accepts; a name that is not
+    in this run is one line listing those that are."""
+    names = setting_names(run)  # legend labels and the tables' names (RAT_LR) -> labels
+    for name in given:
+        if name not in names:
+            raise ConfigError(f"setting {name!r} is not in this run; choose from "
+                              f"{', '.join(names)}")
+    return tuple(names[name] for name in given)
 
 
 def _pgd(run: RunData) -> str:
@@ -198,19 +211,26 @@ class WrittenTable:
 
 
 def write_tables(run: RunData, names: Iterable[str], out: Path, settings: Iterable[str] = (),
-                 warn: Callable[[str], None] = lambda message: None) -> list[WrittenTable]:
+                 warn: Callable[[str], None] = lambda message: None,
+                 compare: str | None = None) -> list[WrittenTable]:
     """Write each named table (names of ``TABLES``, checked by the caller) under ``out``; a table
-    with no data is skipped and ``warn`` is told why in one line. ``settings`` are extra rows
+    with no data is skipped, and ``warn`` is told why in one note line per reason (effects-diff
+    and effects-best share theirs). ``settings`` are extra rows
     for ``best-last`` by label (``AT_awp_[4]``, ``AWP``, ...). LaTeX labels are
-    ``tab:<run name>:<stem>``, so tables of two runs can share a paper."""
+    ``tab:<run name>:<stem>``, so tables of two runs can share a paper. ``compare="paper"``
+    puts the paper's numbers under the rows it published (:func:`.paper.compare`)."""
     written: list[WrittenTable] = []
+    skipped: dict[str, list[str]] = {}  # why -> the tables skipped for it
     for name in dict.fromkeys(names):
         for stem, table, caption in TABLES[name].build(run, list(settings)):
             if table.empty:
-                why = " ".join(table.notes) or "no trials for it"
-                warn(f"no {stem} table: {why}")
+                skipped.setdefault(" ".join(table.notes) or "no trials for it", []).append(stem)
                 continue
+            if compare == "paper":
+                table = paper.compare(name, table)
             caption = f"{caption} (run {run.name})."
             paths = write_table(table, out, stem, caption, label=f"{run.name}:{stem}")
             written.append(WrittenTable(stem, caption, table, paths))
+    for why, stems in skipped.items():  # notes, not errors: the other tables were written
+        warn(f"note: no {' or '.join(stems)} table: {why}")
     return written

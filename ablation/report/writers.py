@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..io import atomic_path
 from .numbers import AA_NOT_RUN, DASH, ID_COLUMNS, STEPS_TITLE, Table
+from .paper import SOURCE
 
 # Widths of a 10 pt two-column article (\columnwidth, \textwidth); ICML's and IEEE's columns are
 # a few points wider, so what fits here fits there.
@@ -34,12 +35,13 @@ _LAYOUTS = (("table", r"\small", 9.0), ("table", r"\footnotesize", 8.0),
             ("table*", r"\scriptsize", 7.0))
 # Columns that name rows rather than measure them: the LaTeX drops one that is the same on
 # every row and states its value in a note.
-_ROW_NAMES = (*ID_COLUMNS.values(), "Method", "Layer", STEPS_TITLE, "Seeds", "Cells")
+_ROW_NAMES = (*ID_COLUMNS.values(), "Method", "Layer", SOURCE, STEPS_TITLE, "Seeds", "Cells")
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
                   "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "∞": r"$_\infty$"}
+                  "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "∞": r"$_\infty$",
+                  "†": r"\dag{}"}
 
 
 def latex_escape(text: str) -> str:
@@ -79,7 +81,7 @@ def _markdown(frame: pd.DataFrame, caption: str, notes: list[str]) -> str:
 
 
 def _is_id(column: str) -> bool:
-    return column in (*ID_COLUMNS.values(), "Method", "Layer", "Term", STEPS_TITLE)
+    return column in (*ID_COLUMNS.values(), "Method", "Layer", "Term", SOURCE, STEPS_TITLE)
 
 
 def latex_label(name: str) -> str:
