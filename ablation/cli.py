@@ -170,7 +170,7 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
 @click.option("--log", "log", multiple=True, metavar="NAME",
               help="Also log each trial's curve live to tensorboard or wandb, one run per trial "
                    "named by its key (its config as hyperparameters, each epoch a step), in the "
-                   "run folder (tensorboard/, wandb/); needs pip install 'ablation[NAME]'. "
+                   "run folder (tensorboard/, wandb/); needs the extra: pip install -e '.[NAME]'. "
                    "Repeatable. W&B reads its own settings (WANDB_MODE=offline, WANDB_PROJECT, "
                    "WANDB_ENTITY).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -244,7 +244,7 @@ def run(sweep_file: Path, storage: str | None, address: str | None, cpus_per_tri
                 stored = {(k, int(e)) for k in sweep.by_key
                           for e in folder.curves(k).get("epoch", [])}
                 progress = SweepProgress(sweep.total_epochs, stored, quiet,
-                                           done=len(sweep.trials) - len(todo))
+                                         done=len(sweep.trials) - len(todo))
                 try:
                     states = run_sweep(folder, todo, cluster=cluster,
                                        cpus_per_trial=cpus_per_trial,

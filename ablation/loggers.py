@@ -61,7 +61,7 @@ class TensorBoard:
     ``add_hparams`` would put them in a timestamped sub-run); the plugin reads the metrics from the
     scalars."""
 
-    package = "tensorboard"  # what `pip install 'ablation[tensorboard]'` brings
+    package = "tensorboard"  # what the extra (`pip install -e '.[tensorboard]'`) brings
     folder = files.TENSORBOARD_DIR
 
     def __init__(self, run: RunDir, sweep: Sweep):
@@ -159,7 +159,8 @@ class Loggers:
                 importlib.import_module(backend.package)
             except ImportError:
                 raise ConfigError(f"--log {name}: the {backend.package} package is not "
-                                  f"installed; pip install 'ablation[{name}]'") from None
+                                  f"installed; install the extra: pip install -e '.[{name}]' in the "
+                                  "ablation checkout") from None
             self.sinks[name] = backend(run, sweep)
         self.logged: dict[str, dict[str, dict[str, int]]] = {}  # name -> key -> ledger entry
         self.opened: dict[str, set[str]] = {name: set() for name in self.sinks}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -34,7 +35,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-KUBERAY_CRDS = REPO.parent / "shared" / "kuberay"  # KubeRay v1.7.0 CRDs, kept outside the repo
+# KubeRay v1.7.0 CRDs, kept outside the repository: $ABLATE_KUBERAY_CRDS, else ../shared/kuberay
+KUBERAY_CRDS = Path(os.environ.get("ABLATE_KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay")
 CLUSTER_CONFIGS = sorted(DOCKER.glob("cluster-*.yaml"))
 URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 

@@ -281,7 +281,7 @@ def test_wandb_online_without_a_login_is_one_line_before_anything_starts(tmp_pat
 
 @pytest.mark.parametrize("name, line", [
     ("wandb", "error: --log wandb: the wandb package is not installed; "
-              "pip install 'ablation[wandb]'"),
+              "install the extra: pip install -e '.[wandb]' in the ablation checkout"),
     ("mlflow", "error: --log 'mlflow': not a logger; choose from tensorboard, wandb")])
 def test_ablate_run_refuses_a_logger_it_cannot_use_before_anything_starts(
         tmp_path, monkeypatch, capsys, name, line):
