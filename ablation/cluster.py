@@ -156,7 +156,7 @@ def _start_local() -> None:
     import ray
 
     ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+             log_to_driver=False, logging_level=logging.WARNING)  # no "Started a local Ray" 
     token = Path.home() / ".ray" / "auth_token"  # Ray writes it readable by every local user
     try:
         info = token.stat()
@@ -182,6 +182,9 @@ def ray_cluster(address: str | None) -> Iterator[str | None]:
     # the store, never the grid.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # and its closing INFO line ("Wrote the latest version of all result files ...") names ray/,
+    # which holds nothing to read: the run folder's store and `ablate status` do
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     # Tune's own Ctrl-C handling stops the trials, marks them and advises Tuner.restore, which
     # ablate does not use (rerunning the command resumes): let KeyboardInterrupt through instead.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
