@@ -257,7 +257,8 @@ def test_a_missing_package_or_an_unknown_name_is_one_line(tmp_path, monkeypatch)
     sweep = sweep_from_dict(small_sweep("logged"), source="test")
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"^--log wandb: the wandb package is not installed; "
-                                          r"pip install 'ablation\[wandb\]'$"):
+                                          r"install the extra: pip install -e '\.\[wandb\]' in "
+                                          r"the ablation checkout$"):
         Loggers(RunDir(tmp_path / "run"), sweep, ["tensorboard", "wandb"], warn=pytest.fail)
     with pytest.raises(ConfigError, match=r"^--log 'tb': not a logger; choose from "
                                           r"tensorboard, wandb$"):
