@@ -9,6 +9,7 @@ epochs written since. Nothing here loads torch or Ray.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -106,7 +107,7 @@ class Run:
         """
         _check_name("table", name, TABLES)
         if compare is not None:
-            _check_name("compare", compare, {"paper": None})
+            _check_name("compare", compare, paper.COMPARE)
         labels = list(resolve_settings(self.data, settings))
         return {stem: paper.compare(name, table) if compare and not table.empty else table
                 for stem, table, _ in TABLES[name].build(self.data, labels)}
@@ -117,6 +118,6 @@ class Run:
                 + ", ".join(f"{n} {state}" for state, n in counts.items()) + f"), {self.location}>")
 
 
-def _check_name(what: str, name: str, known: dict) -> None:
+def _check_name(what: str, name: str, known: Collection[str]) -> None:
     if name not in known:
         raise ConfigError(f"{what} {quote(name)} is unknown; choose from {', '.join(known)}")

@@ -52,6 +52,11 @@ def _apply_overrides(config: TrialConfig, pairs: tuple[str, ...]) -> TrialConfig
     return from_dict({**config.to_dict(), **changes}, source="--set") if changes else config
 
 
+def _load_plugins(paths: tuple[Path, ...]) -> None:
+    """The files of ``--plugin`` (ablate train, evaluate), run before any config is read."""
+    plugins.load(plugins.read(path, str(path), "--plugin") for path in paths)
+
+
 def _description(text: str, limit: int = 500) -> str:
     """A sweep's description as one line for the terminal, at most ``limit`` characters."""
     line = " ".join(str(text).split())
@@ -97,7 +102,7 @@ def train(trial: Path, out: Path | None, autoattack: int | None, autoattack_batc
     TRIAL.yaml holds trial fields (dataset, model, method, threat, intervention, layers, epochs,
     ...); fields left out take the paper's defaults for the chosen dataset and method.
     """
-    plugins.load(plugins.read(path, str(path), "--plugin") for path in plugin_files)
+    _load_plugins(plugin_files)
     config = _apply_overrides(load_trial(trial), overrides)
     check_data(config.dataset, config.data_root, config.download)
     from .local import train_trial  # torch loads here, so --help, config and data errors are fast
@@ -458,7 +463,7 @@ def evaluate(run_dir: str, n_examples: int | None, device: str | None,
              batch_size: int | None, plugin_files: tuple[Path, ...]) -> None:
     """AutoAttack (standard) the best and last weights of every finished trial that lacks it,
     and add the numbers to the run's summary table. Resumable: run it again after a stop."""
-    plugins.load(plugins.read(path, str(path), "--plugin") for path in plugin_files)
+    _load_plugins(plugin_files)
     from .evaluate import evaluate_run
 
     done = evaluate_run(run_dir, n_examples or None, device,

@@ -30,7 +30,7 @@ from typing import Any
 
 from .config import TrialConfig
 from .errors import ConfigError, DataError, quote
-from . import strategies
+from . import layers, strategies
 from .datafiles import LAYOUTS, check_data, missing_path
 from .datasets import dataset_info
 from .fork import Fork, epochs_to_train
@@ -304,9 +304,9 @@ def autoattack_hours(config: TrialConfig, n: int | None, rate: Rate) -> float:
 
 def _table_row(config: TrialConfig) -> bool:
     """A trial that is a row of the paper's Tables 1-4 (report/tables.py): AT, AWP, and RAT_LR,
-    RAT_WP (fix_lr, awp on layers 3 and 4)."""
+    RAT_WP (fix_lr, awp on ``layers.RAT``)."""
     return config.intervention in ("none", "awp_full") or (
-        config.intervention in ("fix_lr", "awp") and config.layers == (3, 4))
+        config.intervention in ("fix_lr", "awp") and tuple(config.layers) == layers.RAT)
 
 
 def _autoattack_line(sweep: Sweep, hours: dict[str, float]) -> str:

@@ -28,6 +28,7 @@ ALL_SUBSETS: tuple[Subset, ...] = tuple(
 PANELS: tuple[tuple[Subset, ...], ...] = (ALL_SUBSETS[0:4], ALL_SUBSETS[4:7],
                                           ALL_SUBSETS[7:10], ALL_SUBSETS[10:15])
 # Their titles, in that order (each figure grid names its panels with them).
+RAT = (3, 4)  # the groups RAT_LR and RAT_WP act on (method A.4, A.5): the tables' rows
 PANEL_TITLES = ("Single layers", "Pairs with layer 1", "Other pairs", "Triples and all four")
 
 

@@ -208,6 +208,8 @@ class Loggers:
 
     def log(self, key: str) -> None:
         """Log the stored rows of trial ``key`` that each backend has not logged yet."""
+        if not self.sinks:  # no --log (or every backend failed): nothing to read
+            return
         curve = self.run.curves(key)
         stored = int(curve.epoch.max()) + 1 if len(curve) else 0  # the store holds 0 .. stored-1
         identity = self.configs[key].columns()

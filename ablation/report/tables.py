@@ -26,7 +26,7 @@ from .numbers import (ID_COLUMNS, STEPS, Table, aa_note, aggregate, display_tabl
                       empty_table, mark_running, per_trial, pgd_title)
 from .writers import write_table
 
-RAT_LAYERS = layers.to_column((3, 4))  # RAT_LR and RAT_WP act on layers 3 and 4 (method A.4, A.5)
+RAT_LAYERS = layers.to_column(layers.RAT)  # RAT_LR and RAT_WP's groups, as stored
 
 
 def _rat_names(method: str) -> dict[str, str]:
